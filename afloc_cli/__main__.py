@@ -1,0 +1,3 @@
+from afloc_cli.cli import main
+
+main()

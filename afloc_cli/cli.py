@@ -1,0 +1,77 @@
+"""The `afloc` command line: a thin Typer shell over the library.
+
+Commands live in `afloc_cli/commands/`, one module each; this file only wires
+them up and turns errors into one line and an exit code:
+0 success, 2 usage or input error, 3 a batch where some items failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+import typer
+
+from afloc_cli import __version__
+from afloc_cli.errors import AflocError
+
+app = typer.Typer(
+    name="afloc",
+    help="Annotation-free pathology localization in chest radiographs from free-text prompts (AFLoc).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"afloc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["AFLOC_DEBUG"] = "1"
+
+
+def _register() -> None:
+    """Commands are registered here only once they are finished."""
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI on `argv` and return the exit code (the tests call this directly)."""
+    os.environ.pop("AFLOC_DEBUG", None)
+    debug = "--debug" in argv
+    try:
+        app(args=argv, prog_name="afloc", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("afloc: aborted", err=True)
+        return 130
+    except AflocError as exc:
+        if debug or os.environ.get("AFLOC_DEBUG"):
+            traceback.print_exc()
+        typer.echo(f"afloc: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("afloc: interrupted", err=True)
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+_register()
