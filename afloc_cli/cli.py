@@ -43,6 +43,9 @@ def _root(
 
 def _register() -> None:
     """Commands are registered here only once they are finished."""
+    from afloc_cli.commands import inspect
+
+    app.command("inspect")(inspect.inspect_command)
 
 
 def run(argv: list[str]) -> int:

