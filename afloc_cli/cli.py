@@ -43,9 +43,10 @@ def _root(
 
 def _register() -> None:
     """Commands are registered here only once they are finished."""
-    from afloc_cli.commands import inspect
+    from afloc_cli.commands import import_reference, inspect
 
     app.command("inspect")(inspect.inspect_command)
+    app.command("import-reference")(import_reference.import_reference_command)
 
 
 def run(argv: list[str]) -> int:

@@ -1,0 +1,43 @@
+"""`afloc import-reference`: the reference Pretrained_CXR.ckpt -> one self-contained afloc checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from afloc_cli.checkpoint.io import save_checkpoint, sha256_file
+from afloc_cli.checkpoint.reference import read_reference_checkpoint, to_model
+from afloc_cli.errors import AflocError
+from afloc_cli.text.model.loading import resolve_text_model
+
+
+def import_reference_command(
+    ckpt: Path = typer.Argument(..., help="The reference PyTorch Lightning checkpoint (Pretrained_CXR.ckpt)."),
+    out: Path = typer.Option(..., "--out", help="The afloc checkpoint to write (.safetensors)."),
+    text_model: str | None = typer.Option(
+        None, "--text-model",
+        help="Local folder or cached id of the BERT it was trained with (default: the one it names).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Convert the reference checkpoint without running its pickled code; report every unused key."""
+    if out.exists() and not overwrite:
+        raise AflocError("output exists", path=out, hint="use --overwrite")
+    ref = read_reference_checkpoint(ckpt)
+    name = text_model or ref.text_model_name()
+    if not name:
+        raise AflocError("the checkpoint does not name its text model", path=ckpt, hint="pass --text-model")
+    model, report = to_model(ref, resolve_text_model(name))
+    sha = save_checkpoint(model, out, provenance={"imported_from": str(ckpt), "source_sha256": sha256_file(ckpt),
+                                                  "report": report})
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), "sha256": sha, "report": report}, indent=2))
+        return
+    console = Console(stderr=True)
+    for line in report:
+        console.print(line)
+    console.print(f"wrote {out} (sha256 {sha})")
