@@ -1,0 +1,150 @@
+"""CheXlocalize: radiologist segmentations of CheXpert val/test images, as COCO RLE per task.
+
+`CheXlocalize/gt_segmentations_{val,test}.json` maps an image id such as
+`patient64541_study1_view1_frontal` to `{task: {"size": [h, w], "counts": RLE}}`;
+the image is `CheXpert/{val,test}/patient64541/study1/view1_frontal.jpg`. Every
+image yields one item per task: an all-zero mask or a missing key is a negative.
+The JSON's "Airspace Opacity" is CheXpert's "Lung Opacity". Per-task thresholds
+are tuned on val and applied to test (see `metrics.tune_thresholds`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from afloc_cli.benchmark.datasets.base import DEFAULT_PROMPT_TEMPLATE, Item, Problem, check_split, fill_prompt, missing
+from afloc_cli.benchmark.datasets.rle import coco_counts, coco_foreground, decode_coco
+from afloc_cli.errors import AflocError
+
+TASKS = (
+    "Airspace Opacity",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Lung Lesion",
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Support Devices",
+)
+CANONICAL = {"Airspace Opacity": "Lung Opacity"}
+SPLITS = ("val", "test")
+_IMAGE_ID = re.compile(r"^(patient\d+)_(study\d+)_(view\d+_\w+)$")
+
+
+def _zeros(height: int, width: int) -> np.ndarray:
+    return np.zeros((height, width), dtype=bool)
+
+
+def _layout(root: Path) -> tuple[Path, Path]:
+    """(folder of the JSONs, CheXpert folder): root holds both, or root is the CheXlocalize folder."""
+    if (root / "CheXlocalize").is_dir():
+        return root / "CheXlocalize", root / "CheXpert"
+    if any(root.glob("gt_segmentations_*.json")):
+        return root, root.parent / "CheXpert"
+    return root / "CheXlocalize", root / "CheXpert"
+
+
+class ChexlocalizeReader:
+    name = "chexlocalize"
+    published_at = "https://github.com/rajpurkarlab/cheXlocalize (Stanford AIMI)"
+
+    def read(
+        self, root: Path, split: str | None = None, prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    ) -> tuple[list[Item], list[Problem]]:
+        root = Path(root)
+        seg_dir, chexpert = _layout(root)
+        if split is not None:
+            check_split(self.name, split, SPLITS)
+            splits = [split]
+        else:
+            splits = [s for s in SPLITS if (seg_dir / f"gt_segmentations_{s}.json").is_file()]
+            if not splits:
+                raise missing("CheXlocalize/gt_segmentations_test.json", root, self.published_at)
+        items: list[Item] = []
+        problems: list[Problem] = []
+        for s in splits:
+            more_items, more_problems = self._read_split(root, seg_dir, chexpert, s, prompt_template)
+            items += more_items
+            problems += more_problems
+        return items, problems
+
+    def _read_split(
+        self, root: Path, seg_dir: Path, chexpert: Path, split: str, template: str
+    ) -> tuple[list[Item], list[Problem]]:
+        json_path = seg_dir / f"gt_segmentations_{split}.json"
+        if not json_path.is_file():
+            raise missing(f"CheXlocalize/gt_segmentations_{split}.json", root, self.published_at)
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise AflocError(f"not valid JSON ({e})", path=json_path) from None
+        if not isinstance(data, dict):
+            raise AflocError("expected an object {image_id: {task: RLE}}", path=json_path)
+        image_dir = chexpert / split
+        if not image_dir.is_dir() and split == "val" and (chexpert / "valid").is_dir():
+            image_dir = chexpert / "valid"
+        file = str(json_path)
+        items: list[Item] = []
+        problems: list[Problem] = []
+        for image_id, tasks in data.items():
+            match = _IMAGE_ID.match(str(image_id).strip())
+            if match is None or not isinstance(tasks, dict):
+                problems.append(Problem(file, None, f"{image_id}: not patientN_studyN_viewK_frontal with tasks"))
+                continue
+            image_path = image_dir / match[1] / match[2] / f"{match[3]}.jpg"
+            if not image_path.is_file():
+                problems.append(Problem(file, None, f"{image_id}: image not found: {image_path}"))
+                continue
+            parsed: dict[str, tuple[list[int], int, int]] = {}
+            for task, rle in tasks.items():
+                try:
+                    h, w = (int(v) for v in rle["size"])
+                    counts = coco_counts(rle["counts"])
+                    if sum(counts) != h * w:
+                        raise ValueError(f"RLE covers {sum(counts)} pixels, size says {h}x{w}")
+                except (KeyError, TypeError, ValueError) as e:
+                    problems.append(Problem(file, None, f"{image_id} / {task}: unreadable RLE ({e})"))
+                    continue
+                parsed[str(task).strip()] = (counts, h, w)
+            sizes = {(h, w) for _, h, w in parsed.values()}
+            if len(sizes) > 1:
+                problems.append(Problem(file, None, f"{image_id}: tasks disagree on the image size {sorted(sizes)}"))
+                continue
+            size = next(iter(sizes), None)
+            failed = {str(t).strip() for t in tasks} - set(parsed)
+            for task in [*TASKS, *(t for t in parsed if t not in TASKS)]:
+                if task in failed:
+                    continue
+                category = CANONICAL.get(task, task)
+                if task in parsed:
+                    counts, h, w = parsed[task]
+                    positive = coco_foreground(counts) > 0
+                    mask = partial(decode_coco, counts, h, w)
+                elif size is not None:
+                    positive, (h, w) = False, size
+                    mask = partial(_zeros, h, w)
+                else:
+                    positive, h, w, mask = False, None, None, None  # type: ignore[assignment]
+                items.append(
+                    Item(
+                        dataset=self.name,
+                        item_id=f"{image_id}/{category}",
+                        image_id=str(image_id),
+                        image_path=image_path,
+                        split=split,
+                        category=category,
+                        prompt=fill_prompt(template, category),
+                        positive=positive,
+                        height=h,
+                        width=w,
+                        mask=mask,
+                    )
+                )
+        return items, problems
