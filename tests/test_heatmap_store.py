@@ -1,0 +1,465 @@
+"""The heat-map store: schema round trip, refusals, crash safety under SIGKILL, shard merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.store import (
+    AsyncHeatmapWriter,
+    HeatmapFile,
+    HeatmapWriter,
+    ImageRecord,
+    content_differences,
+    equal_contents,
+    merge,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CREATED = "2024-05-01T12:00:00+00:00"
+PROMPTS = ["pleural effusion", "pneumothorax", "cardiomegaly"]
+GRID = 7
+ATTRS: dict[str, Any] = {
+    "checkpoint_sha256": "ab" * 32,
+    "model_config": json.dumps({"image": {"arch": "resnet50"}}),
+    "preprocessing": json.dumps({"size": 224}),
+    "heatmap_config": json.dumps({"sigma": 1.5}),
+    "level": "deep",
+    "afloc_version": "0.1.0",
+}
+
+# The producer both the killed child processes and the in-test resumes run. Data depend only on
+# the image's global index, so any split into batches must give the same file.
+PRODUCER = r'''
+import json, os, sys, time
+from pathlib import Path
+import numpy as np
+from afloc_cli.heatmaps.store import AsyncHeatmapWriter, HeatmapWriter, ImageRecord
+
+def image(g, n_prompts, grid):
+    rng = np.random.default_rng(g)
+    return rng.standard_normal((n_prompts, grid, grid)) * 4, rng.standard_normal(n_prompts)
+
+def record(path, g):
+    h, w = 1000 + g, 800 + 3 * g
+    rh, rw = (224, int(w * 224 / h)) if h >= w else (int(h * 224 / w), 224)
+    lb = {"height": h, "width": w, "size": 224, "resized_height": rh, "resized_width": rw,
+          "pad_top": (224 - rh) // 2, "pad_left": (224 - rw) // 2}
+    return ImageRecord(path=path, height=h, width=w, letterbox=lb,
+                       reader={"window": [40.0, 400.0], "inverted": g % 2 == 1, "syntax": "1.2.840.10008.1.2.1"})
+
+def produce(cfg):
+    n_total, fail = cfg["n_total"], set(cfg.get("fail", []))
+    indices = cfg.get("indices") or list(range(n_total))
+    paths = [f"/data/cxr/{g:05d}.dcm" for g in indices]
+    prompts, grid, batch = cfg["prompts"], cfg["grid"], cfg["batch"]
+    writer = HeatmapWriter(Path(cfg["out"]), paths=paths, indices=indices, prompts=prompts, grid=grid,
+                           attrs=cfg["attrs"], resume=cfg.get("resume", False), overwrite=False,
+                           created=cfg.get("created"))
+    with AsyncHeatmapWriter(writer, max_pending=2) as sink:
+        done = sink.done_indices()
+        todo = [i for i in range(len(paths)) if i not in done]
+        print("READY", len(done), flush=True)
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            ok = [i for i in chunk if indices[i] not in fail]
+            for i in chunk:
+                if indices[i] in fail:
+                    sink.write_failure(i, ImageRecord(path=paths[i], height=0, width=0, letterbox={}, reader={},
+                                                      status="failed", error=f"{paths[i]}: cannot decode"))
+            data = [image(indices[i], len(prompts), grid) for i in ok]
+            maps = np.stack([d[0] for d in data]).astype(np.float32)
+            scores = np.stack([d[1] for d in data]).astype(np.float32)
+            sink.write_batch(ok, maps, scores, [record(paths[i], indices[i]) for i in ok])
+            if cfg.get("flush", True):
+                sink.flush()
+            print("BATCH", start, flush=True)
+            time.sleep(cfg.get("sleep", 0.0))
+        sink.finalize()
+    print("DONE", flush=True)
+
+def install_stall(out, stall):
+    """Hang (to be SIGKILLed) around the k-th journal rename or the final rename."""
+    real_replace = os.replace
+    seen = {"batches": 0}
+    kind, _, when = stall.partition(":")
+
+    def replace(src, dst):
+        dst_s = str(dst)
+        hit = False
+        if dst_s.endswith(".npz"):
+            seen["batches"] += 1
+            hit = kind == f"batch{seen['batches']}"
+        elif dst_s == out:
+            hit = kind == "final"
+        if hit and when == "before":
+            print("STALL", flush=True)
+            time.sleep(120)
+        real_replace(src, dst)
+        if hit and when == "after":
+            print("STALL", flush=True)
+            time.sleep(120)
+
+    os.replace = replace
+
+if __name__ == "__main__":
+    cfg = json.loads(sys.argv[1])
+    if cfg.get("stall"):
+        install_stall(cfg["out"], cfg["stall"])
+    produce(cfg)
+'''
+
+
+@pytest.fixture(scope="module")
+def producer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    script = tmp_path_factory.mktemp("producer") / "producer.py"
+    script.write_text(PRODUCER)
+    return script
+
+
+def config(out: Path, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"out": str(out), "n_total": 30, "fail": [5, 17], "prompts": PROMPTS, "grid": GRID,
+                           "batch": 6, "attrs": ATTRS, "created": CREATED}
+    cfg.update(extra)
+    return cfg
+
+
+def produce(producer: Path, cfg: dict[str, Any]) -> None:
+    """Run the producer in this process (the resume "in the test")."""
+    runpy.run_path(str(producer), run_name="producer")["produce"](cfg)
+
+
+def spawn(producer: Path, cfg: dict[str, Any]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, str(producer), json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def kill_at(proc: subprocess.Popen[str], marker: str, count: int = 1, delay: float = 0.0) -> None:
+    """SIGKILL the child `delay` seconds after it has printed `marker` `count` times."""
+    assert proc.stdout is not None
+    seen = 0
+    while seen < count:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            raise AssertionError(f"child ended before {marker} x{count}: {proc.stderr.read() if proc.stderr else ''}")
+        seen += line.startswith(marker)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL or (delay and proc.returncode == 0)
+
+
+@pytest.fixture(scope="module")
+def reference(producer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "ref.h5"
+    produce(producer, config(out))
+    return out
+
+
+def make_record(path: str, height: int = 20, width: int = 10) -> ImageRecord:
+    lb = {"height": height, "width": width, "size": 224, "resized_height": 224, "resized_width": 112,
+          "pad_top": 0, "pad_left": 56}
+    return ImageRecord(path=path, height=height, width=width, letterbox=lb, reader={"window": None})
+
+
+def small_writer(out: Path, n: int = 4, **kw: Any) -> HeatmapWriter:
+    args: dict[str, Any] = {"paths": [f"p{i}.png" for i in range(n)], "prompts": ["a", "b"], "grid": 3,
+                            "attrs": ATTRS, "resume": False, "overwrite": False}
+    args.update(kw)
+    return HeatmapWriter(out, **args)
+
+
+def fill(writer: HeatmapWriter, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    n = writer.n_images
+    writer.write_batch(list(range(n)), rng.standard_normal((n, 2, 3, 3)), rng.standard_normal((n, 2)),
+                       [make_record(f"p{i}.png") for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+def test_round_trip_schema(reference: Path) -> None:
+    with HeatmapFile.open(reference) as hf:
+        assert hf.prompts == PROMPTS and hf.n_images == 30 and hf.grid == GRID
+        assert hf.paths[3] == "/data/cxr/00003.dcm" and hf.find("/data/cxr/00003.dcm") == 3
+        for key, value in ATTRS.items():
+            assert hf.attrs[key] == value
+        assert hf.attrs["schema_version"] == 1 and hf.attrs["n_images"] == 30 and hf.attrs["n_prompts"] == 3
+        assert hf.attrs["grid"] == GRID and hf.attrs["created"] == CREATED
+        rng = np.random.default_rng(4)
+        maps, scores = rng.standard_normal((3, GRID, GRID)) * 4, rng.standard_normal(3)
+        np.testing.assert_array_equal(hf.raw(4, 1), maps[1].astype(np.float16).astype(np.float32))
+        assert hf.raw(4, 1).dtype == np.float32 and hf.maps(4).shape == (3, GRID, GRID)
+        np.testing.assert_array_equal(hf.scores()[4], scores.astype(np.float32))
+        rec = hf.record(4)
+        assert rec.status == "ok" and rec.error == "" and (rec.height, rec.width) == (1004, 812)
+        assert rec.letterbox["size"] == 224 and rec.letterbox["height"] == 1004
+        assert rec.reader == {"window": [40.0, 400.0], "inverted": False, "syntax": "1.2.840.10008.1.2.1"}
+        with pytest.raises(IndexError):
+            hf.raw(30, 0)
+    with h5py.File(reference, "r") as f:
+        heat = f["heatmaps"]
+        assert heat.dtype == np.float16 and heat.shape == (30, 3, GRID, GRID)
+        assert heat.chunks == (1, 3, GRID, GRID) and heat.compression == "gzip"
+        assert f["scores"].dtype == np.float32 and f["scores"].shape == (30, 3)
+        assert list(f["index"][()]) == list(range(30))
+        for name in ("path", "height", "width", "lb_size", "lb_resized_height", "lb_resized_width", "lb_pad_top",
+                     "lb_pad_left", "reader", "status", "error"):
+            assert f[name].shape == (30,)
+    assert not reference.with_name(reference.name + ".partial").exists()
+
+
+def test_failures_recorded(reference: Path) -> None:
+    with HeatmapFile.open(reference) as hf:
+        failed = hf.failures()
+        assert [r.path for r in failed] == ["/data/cxr/00005.dcm", "/data/cxr/00017.dcm"]
+        assert all(r.status == "failed" and "cannot decode" in r.error and r.letterbox == {} for r in failed)
+        assert np.isnan(hf.raw(5, 0)).all() and np.isnan(hf.scores()[17]).all()
+        assert not np.isnan(hf.scores()[6]).any()
+
+
+def test_two_runs_are_byte_identical(producer: Path, reference: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.h5"
+    produce(producer, config(again, batch=11))  # another batch split, same data
+    assert equal_contents(reference, again)
+    assert reference.read_bytes() == again.read_bytes()  # `created` was given, so even the bytes agree
+    other_time = tmp_path / "other_time.h5"
+    produce(producer, config(other_time, created=None))
+    assert equal_contents(reference, other_time)
+    assert content_differences(reference, other_time, ignore_attrs=()) == [
+        f"/ attribute 'created': {CREATED!r} != {HeatmapFile.open(other_time).attrs['created']!r}"
+    ]
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    w = small_writer(out)
+    fill(w)
+    w.finalize()
+    assert w.finalize() == out  # idempotent
+    with pytest.raises(AflocError, match="exists.*--overwrite or --resume"):
+        small_writer(out)
+    w2 = small_writer(out, overwrite=True)
+    fill(w2, seed=1)
+    w2.finalize()
+    with HeatmapFile.open(out) as hf:
+        assert hf.raw(0, 0)[0, 0] == np.float16(np.random.default_rng(1).standard_normal((4, 2, 3, 3))[0, 0, 0, 0])
+    with pytest.raises(AflocError, match="contradict"):
+        small_writer(out, overwrite=True, resume=True)
+
+
+def test_incomplete_finalize_and_interrupted_journal(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    w = small_writer(out)
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    with pytest.raises(AflocError, match="3 of 4 images have no result"):
+        w.finalize()
+    with pytest.raises(AflocError, match="another afloc run"):
+        small_writer(out, resume=True)
+    w.close()
+    with pytest.raises(AflocError, match="interrupted run"):
+        small_writer(out)
+    w2 = small_writer(out, resume=True)
+    assert w2.done_indices() == {0}
+    w2.close()
+
+
+def test_bad_batches_rejected(tmp_path: Path) -> None:
+    w = small_writer(tmp_path / "x.h5")
+    with pytest.raises(ValueError, match="heatmaps shape"):
+        w.write_batch([0], np.zeros((1, 2, 4, 4)), np.zeros((1, 2)), [make_record("p0.png")])
+    with pytest.raises(ValueError, match="expected 'p1.png'"):
+        w.write_batch([1], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    w.close()
+
+
+def test_resume_refuses_changed_run(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    w = small_writer(out)
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    w.close()
+    with pytest.raises(AflocError, match="prompts differ"):
+        small_writer(out, resume=True, prompts=["a", "c"])
+    with pytest.raises(AflocError, match="checkpoint"):
+        small_writer(out, resume=True, attrs={**ATTRS, "checkpoint_sha256": "cd" * 32})
+    with pytest.raises(AflocError, match="heatmap_config"):
+        small_writer(out, resume=True, attrs={**ATTRS, "heatmap_config": "{}"})
+    with pytest.raises(AflocError, match="input paths"):
+        small_writer(out, resume=True, paths=["q0.png", "p1.png", "p2.png", "p3.png"])
+    w2 = small_writer(out, resume=True)
+    fill(w2)
+    w2.finalize()
+    # Resuming a finished file is a no-op, but only for the same run.
+    w3 = small_writer(out, resume=True)
+    assert w3.done_indices() == {0, 1, 2, 3} and w3.finalize() == out
+    with pytest.raises(AflocError, match="prompts differ"):
+        small_writer(out, resume=True, prompts=["b", "a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety: SIGKILL a writing child at chosen moments, resume, compare with the reference.
+@pytest.mark.parametrize(
+    ("kills", "expect", "done"),
+    [
+        ([{"marker": "READY"}], None, 0),  # before any batch
+        ([{"marker": "BATCH", "count": 2}], None, 12),  # between batches
+        # journal renames: 1 = failure of image 5, 2 = images 0-4, 3 = images 6-11, 4 = failure of image 17
+        ([{"stall": "batch3:before"}], "batch-tmp", 6),  # batch file written and fsynced, not yet renamed
+        ([{"stall": "batch4:after"}], None, 13),  # renamed, nothing more
+        ([{"stall": "final:before"}], "final-tmp", 30),  # the final file built but not renamed
+        ([{"stall": "final:after"}], "final-and-journal", 30),  # renamed, journal not yet removed
+        ([{"marker": "BATCH", "count": 1}, {"stall": "batch3:before"}], None, 13),  # killed twice
+        ([{"delay": 0.25, "batch": 2, "flush": False, "sleep": 0.03}], None, None),  # wherever it happens to be
+    ],
+    ids=["start", "between", "mid-batch", "after-batch", "mid-finalize", "after-finalize", "twice", "timed"],
+)
+def test_resume_after_sigkill(producer: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              kills: list[dict[str, Any]], expect: str | None, done: int | None) -> None:
+    out = tmp_path / "run.h5"
+    journal = out.with_name(out.name + ".partial")
+    for k, kill in enumerate(kills):
+        extra = {key: v for key, v in kill.items() if key in ("stall", "batch", "flush")}
+        proc = spawn(producer, config(out, resume=k > 0, sleep=kill.get("sleep", 0.05), **extra))
+        if "stall" in kill:
+            kill_at(proc, "STALL")
+        elif "delay" in kill:
+            kill_at(proc, "READY", delay=kill["delay"])  # start the clock once the child is running
+        else:
+            kill_at(proc, kill["marker"], kill.get("count", 1))
+    if expect == "batch-tmp":
+        assert list(journal.glob(".*.npz.tmp")) and not out.exists()
+    elif expect == "final-tmp":
+        assert list(tmp_path.glob(".run.h5.tmp-*")) and not out.exists()
+    elif expect == "final-and-journal":
+        assert out.exists() and journal.exists()
+    capsys.readouterr()
+    produce(producer, config(out, resume=True))
+    if done is not None:
+        assert capsys.readouterr().out.startswith(f"READY {done}\n")
+    assert not journal.exists() and not list(tmp_path.glob(".run.h5*"))
+    assert content_differences(reference, out) == []
+    assert out.read_bytes() == reference.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+def run_shards(producer: Path, folder: Path, n_shards: int, **extra: Any) -> list[Path]:
+    outs = []
+    for k in range(n_shards):
+        out = folder / f"shard{k}.h5"
+        produce(producer, config(out, indices=list(range(k, 30, n_shards)), **extra))
+        outs.append(out)
+    return outs
+
+
+def test_merged_shards_equal_single_run(producer: Path, reference: Path, tmp_path: Path) -> None:
+    shards = run_shards(producer, tmp_path, 3)
+    with HeatmapFile.open(shards[1]) as hf:
+        assert hf.n_images == 10 and list(hf.indices) == list(range(1, 30, 3))
+    merged = merge([shards[2], shards[0], shards[1]], tmp_path / "merged.h5")
+    assert content_differences(reference, merged) == []
+    assert merged.read_bytes() == reference.read_bytes()
+    with pytest.raises(AflocError, match="exists"):
+        merge(shards, merged)
+    merge(shards, merged, overwrite=True)
+    with pytest.raises(AflocError, match="image index 1 is missing"):
+        merge([shards[0], shards[2]], tmp_path / "gap.h5")
+    partial = merge([shards[0], shards[2]], tmp_path / "gap.h5", allow_gaps=True)
+    with HeatmapFile.open(partial) as hf:
+        assert hf.n_images == 20 and list(hf.indices[:3]) == [0, 2, 3]
+    with pytest.raises(AflocError, match="also in"):
+        merge([shards[0], shards[0], shards[1], shards[2]], tmp_path / "dup.h5")
+
+
+def test_merge_refuses_other_runs(producer: Path, tmp_path: Path) -> None:
+    base = run_shards(producer, tmp_path, 2)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "pr").mkdir()
+    other_ckpt = run_shards(producer, tmp_path / "ck", 2, attrs={**ATTRS, "checkpoint_sha256": "ff" * 32})
+    other_prompts = run_shards(producer, tmp_path / "pr", 2, prompts=["a", "b", "c"])
+    with pytest.raises(AflocError, match=r"ck/shard1.h5.*different checkpoint"):
+        merge([base[0], other_ckpt[1]], tmp_path / "m.h5")
+    with pytest.raises(AflocError, match=r"pr/shard1.h5.*different prompts"):
+        merge([base[0], other_prompts[1]], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_async_writer_raises_thread_error(tmp_path: Path) -> None:
+    w = small_writer(tmp_path / "x.h5")
+    calls = {"n": 0}
+
+    def broken(*args: Any) -> None:
+        calls["n"] += 1
+        raise OSError("No space left on device")
+
+    w.write_batch = broken  # type: ignore[method-assign]
+    sink = AsyncHeatmapWriter(w, max_pending=1)
+    sink.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(50):  # the queue keeps draining, so this never blocks
+            sink.write_batch([1], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p1.png")])
+            time.sleep(0.01)
+    with pytest.raises(OSError, match="No space left"):
+        sink.finalize()
+    sink.close()
+    assert calls["n"] == 1
+
+    # ... and at the end of the with block when nothing else was called
+    w2 = small_writer(tmp_path / "y.h5")
+    w2.write_batch = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="No space left"), AsyncHeatmapWriter(w2) as sink2:
+        sink2.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+
+
+def test_async_writer_keeps_queued_work_on_error_in_caller(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    with pytest.raises(RuntimeError, match="inference crashed"), AsyncHeatmapWriter(small_writer(out)) as sink:
+        sink.write_batch([0, 1], np.zeros((2, 2, 3, 3)), np.zeros((2, 2)), [make_record("p0.png"),
+                                                                              make_record("p1.png")])
+        raise RuntimeError("inference crashed")
+    w = small_writer(out, resume=True)  # the journal lock was released and the batch kept
+    assert w.done_indices() == {0, 1}
+    w.close()
+
+
+def test_equal_contents_sees_differences(reference: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.h5"
+    copy.write_bytes(reference.read_bytes())
+    assert equal_contents(reference, copy)
+    with h5py.File(copy, "r+") as f:
+        f["scores"][0, 0] = 123.0
+        f.attrs["level"] = "fused"
+    diffs = content_differences(reference, copy)
+    assert any("scores" in d for d in diffs) and any("level" in d for d in diffs)
+    assert not equal_contents(reference, copy)
+
+
+def test_reader_refuses_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(AflocError, match="not found"):
+        HeatmapFile.open(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(AflocError, match="not a readable HDF5"):
+        HeatmapFile.open(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(AflocError, match="not an afloc heat-map file"):
+        HeatmapFile.open(tmp_path / "other.h5")
+
+
+def test_empty_shard(tmp_path: Path) -> None:
+    out = small_writer(tmp_path / "empty.h5", n=0).finalize()
+    with HeatmapFile.open(out) as hf:
+        assert hf.n_images == 0 and hf.scores().shape == (0, 2) and hf.failures() == []
