@@ -48,6 +48,10 @@ def _register() -> None:
     app.command("inspect")(inspect.inspect_command)
     app.command("import-reference")(import_reference.import_reference_command)
 
+    from afloc_cli.commands import synth
+
+    app.command("synth")(synth.synth_command)
+
 
 def run(argv: list[str]) -> int:
     """Run the CLI on `argv` and return the exit code (the tests call this directly)."""
