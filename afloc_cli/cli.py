@@ -52,13 +52,23 @@ def _register() -> None:
 
     app.command("synth")(synth.synth_command)
 
+    from afloc_cli.commands import export, localize, merge, scores
+
+    app.command("localize")(localize.localize_command)
+    app.command("scores")(scores.scores_command)
+    app.command("export")(export.export_command)
+    app.command("merge")(merge.merge_command)
+
 
 def run(argv: list[str]) -> int:
     """Run the CLI on `argv` and return the exit code (the tests call this directly)."""
     os.environ.pop("AFLOC_DEBUG", None)
     debug = "--debug" in argv
     try:
-        app(args=argv, prog_name="afloc", standalone_mode=False)
+        result = app(args=argv, prog_name="afloc", standalone_mode=False)
+        # Without standalone mode click returns a typer.Exit's code instead of raising it.
+        if isinstance(result, int):
+            return result
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

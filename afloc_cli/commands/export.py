@@ -1,0 +1,33 @@
+"""`afloc export`: heat maps at original size, as PNG, NumPy, or cheXlocalize's pickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.readout import export_chexlocalize, export_npy, export_png, open_heatmaps
+
+
+def export_command(
+    heatmaps: Path = typer.Argument(..., help="An HDF5 file written by afloc localize."),
+    png: Path | None = typer.Option(None, "--png", help="16-bit grey PNGs of the [-1, 1] maps."),
+    npy: Path | None = typer.Option(None, "--npy", help="float32 .npy raw maps, NaN outside the image."),
+    chexlocalize: Path | None = typer.Option(None, "--chexlocalize", help="Pickles for cheXlocalize's evaluator."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Write every (image, prompt) map at the image's original size."""
+    targets = [t for t in (png, npy, chexlocalize) if t is not None]
+    if len(targets) != 1:
+        raise AflocError("give exactly one of --png DIR, --npy DIR, --chexlocalize DIR")
+    with open_heatmaps(heatmaps) as hf:
+        if png is not None:
+            n = export_png(hf, png)
+        elif npy is not None:
+            n = export_npy(hf, npy)
+        else:
+            n = export_chexlocalize(hf, chexlocalize)  # type: ignore[arg-type]
+    summary = {"out": str(targets[0]), "maps": n}
+    typer.echo(json.dumps(summary) if as_json else f"wrote {n} maps to {targets[0]}")

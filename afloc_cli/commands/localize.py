@@ -1,0 +1,152 @@
+"""`afloc localize`: folders of radiographs x prompt lists -> one HDF5 file of heat maps."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+from afloc_cli.errors import AflocError
+from afloc_cli.image.data.io import read_image
+from afloc_cli.image.data.transforms import Letterbox, to_uint8
+from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
+from afloc_cli.localize.runner import run_localize
+from afloc_cli.text.inference_engine import PromptList, check_prompts, parse_prompts, read_prompts_file
+from afloc_cli.vlp.heatmap import original_map
+from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
+from afloc_cli.vlp.overlay import overlay_name, render_overlay, write_png
+
+EXIT_SOME_FAILED = 3
+
+
+def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
+    if prompts_file is not None and prompt:
+        raise AflocError("give --prompts FILE or --prompt TEXT, not both")
+    if prompts_file is not None:
+        result = read_prompts_file(prompts_file)
+    elif prompt:
+        result = parse_prompts(list(prompt), "--prompt")
+    else:
+        raise AflocError("no prompts", hint="pass --prompts FILE (one per line) or --prompt TEXT (repeatable)")
+    if not result.prompts:
+        raise AflocError("the prompt list is empty", path=prompts_file)
+    return result
+
+
+def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int):
+    def write(items: list[dict], maps: np.ndarray) -> None:
+        for item, item_maps in zip(items, maps, strict=True):
+            radiograph = read_image(item["path"])
+            image = to_uint8(radiograph.pixels)
+            lb = Letterbox(**item["letterbox"])
+            for p, prompt in enumerate(prompts):
+                heat = original_map(torch.from_numpy(item_maps[p]), lb, sigma, margin).numpy()
+                name = overlay_name(item["path"], item["index"], p, prompt)
+                write_png(folder / name, render_overlay(image, heat, prompt))
+
+    return write
+
+
+def localize_command(
+    inputs: list[Path] = typer.Argument(..., help="Files, folders (recursive) or CSV/TXT lists of paths."),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line, # comments."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint (default: $AFLOC_CHECKPOINT)."),
+    out: Path = typer.Option(..., "--out", help="Output HDF5 file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Decode processes."),
+    level: str = typer.Option("deep", "--level", help="deep (reference), shallow or fused."),
+    overlays: Path | None = typer.Option(None, "--overlays", help="Also write overlay PNGs here."),
+    shard: str | None = typer.Option(None, "--shard", help="K/N (0-based) or auto (torchrun / Slurm array)."),
+    resume: bool = typer.Option(False, "--resume", help="Complete an interrupted run."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable file."),
+    text_model: str | None = typer.Option(None, "--text-model", help="Text model folder for a reference .ckpt."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Localize every prompt in every radiograph; exit 0 if all images succeeded, 3 if some failed."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise AflocError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
+    if level not in ("deep", "shallow", "fused"):
+        raise AflocError(f"--level must be deep, shallow or fused, not {level!r}")
+    if resume and overwrite:
+        raise AflocError("--resume and --overwrite contradict each other")
+    console = Console(stderr=True)
+    prompt_list = _prompts(prompts_file, prompt)
+    all_paths = collect_inputs(list(inputs))
+    if not all_paths:
+        raise AflocError("no radiographs found in the inputs", hint="DICOM, PNG, JPEG and TIFF files are read")
+    shard_spec = parse_shard(shard)
+    indices = shard_indices(len(all_paths), shard_spec)
+    paths = [all_paths[i] for i in indices]
+    if out.exists() and not (resume or overwrite):
+        raise AflocError("output exists", path=out, hint="use --overwrite to replace it or --resume to complete it")
+    if not os.access(out.parent if out.parent != Path("") else Path("."), os.W_OK):
+        raise AflocError("output folder is not writable", path=out.parent)
+
+    loaded = load_any(checkpoint_path(checkpoint), text_model)
+    torch_device = resolve_device(device)
+    engine = LocalizationEngine(loaded.model, prompt_list.prompts, device=torch_device,
+                                precision=precision, level=level)  # type: ignore[arg-type]
+    prompt_list = check_prompts(prompt_list, loaded.model.text_encoder.tokenizer, loaded.model.cfg.text.max_length)
+    for note in [*loaded.notes, *prompt_list.notes]:
+        console.print(f"[yellow]note:[/] {note}")
+
+    on_batch = None
+    if overlays is not None:
+        hm = loaded.model.cfg.heatmap
+        on_batch = _overlay_writer(overlays, prompt_list.prompts, hm.sigma, hm.nan_margin)
+
+    show = sys.stderr.isatty() and not as_json
+    with Progress(
+        TextColumn("[bold]localize"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(), console=console, disable=not show,
+    ) as progress:
+        task = progress.add_task("images", total=len(paths), rate="")
+        state = {"seen": 0}
+
+        def on_progress(n_batch: int, n_done: int) -> None:
+            state["seen"] += n_batch
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(task, advance=n_batch, rate=f"{state['seen'] / elapsed:.1f} img/s")
+
+        summary = run_localize(
+            engine,
+            paths=paths,
+            indices=indices,
+            prompts=prompt_list.prompts,
+            out=out,
+            checkpoint_sha256=loaded.sha256,
+            batch_size=batch_size,
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            strict=strict,
+            on_progress=on_progress,
+            on_batch=on_batch,
+        )
+    info = summary.to_dict() | {"checkpoint_sha256": loaded.sha256, "shard": shard_spec}
+    if as_json:
+        typer.echo(json.dumps(info, sort_keys=True))
+    else:
+        console.print(
+            f"localized {summary.done} images x {summary.prompts} prompts -> {out} "
+            f"({summary.failed} failed, {summary.skipped_resumed} already done, "
+            f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s)"
+        )
+        for failure in summary.failures[:10]:
+            console.print(f"[red]failed:[/] {failure['error']}")
+        if len(summary.failures) > 10:
+            console.print(f"... and {len(summary.failures) - 10} more (see `afloc scores` or the file's /status)")
+    if summary.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)

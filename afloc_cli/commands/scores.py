@@ -1,0 +1,40 @@
+"""`afloc scores`: a heat-map file -> one table row per image x prompt, for cohort scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.readout import open_heatmaps, score_table
+
+
+def scores_command(
+    heatmaps: Path = typer.Argument(..., help="An HDF5 file written by afloc localize."),
+    out: Path = typer.Option(..., "--out", help="Table to write: .parquet or .csv."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Area counts pixels whose [-1, 1] map exceeds this."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Score, peak location (original pixels) and area above a threshold, per image x prompt."""
+    if out.suffix not in (".parquet", ".csv"):
+        raise AflocError("--out must end in .parquet or .csv", path=out)
+    with open_heatmaps(heatmaps) as hf:
+        table = score_table(hf, threshold)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if out.suffix == ".parquet":
+            table.write_parquet(tmp, statistics=False)
+        else:
+            table.write_csv(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    summary = {"out": str(out), "rows": table.height, "failed_images": int((table["status"] != "ok").sum())}
+    typer.echo(json.dumps(summary) if as_json else f"wrote {table.height} rows to {out}")

@@ -1,0 +1,158 @@
+"""Heat-map files -> what cohort scripts and other tools read: tables and maps in original pixels.
+
+Tables are computed in the model frame (fast: one 224x224 map per pair) and
+reported in original pixels through the image's letterbox, so 50,000 images x
+20 prompts take minutes, not hours; exported maps are full size.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.store import HeatmapFile
+from afloc_cli.image.data.transforms import Letterbox
+from afloc_cli.vlp.heatmap import frame_maps, minmax_signed, original_map
+from afloc_cli.vlp.overlay import write_png
+
+
+def _heatmap_settings(hf: HeatmapFile) -> tuple[float, int]:
+    cfg = json.loads(str(hf.attrs.get("heatmap_config", "{}")))
+    return float(cfg.get("sigma", 1.5)), int(cfg.get("nan_margin", 0))
+
+
+def score_table(hf: HeatmapFile, threshold: float = 0.5) -> pl.DataFrame:
+    """One row per image x prompt: score, peak (original pixels), area above `threshold` of the [-1, 1] map."""
+    sigma, margin = _heatmap_settings(hf)
+    columns: dict[str, list] = {k: [] for k in (
+        "index", "path", "prompt", "status", "score", "peak_row", "peak_col", "area_fraction", "area_px")}
+    scores = hf.scores()
+    for i in range(hf.n_images):
+        record = hf.record(i)
+        ok = record.status == "ok"
+        if ok:
+            lb = Letterbox(**record.letterbox)
+            frames = frame_maps(torch.from_numpy(hf.maps(i)), lb.size, sigma, margin)
+            content = frames[:, lb.pad_top : lb.pad_top + lb.resized_height,
+                             lb.pad_left : lb.pad_left + lb.resized_width].numpy()
+            norm = minmax_signed(content)
+        for p, prompt in enumerate(hf.prompts):
+            columns["index"].append(int(hf.indices[i]))
+            columns["path"].append(record.path)
+            columns["prompt"].append(prompt)
+            columns["status"].append(record.status)
+            if not ok:
+                for key in ("score", "peak_row", "peak_col", "area_fraction", "area_px"):
+                    columns[key].append(None)
+                continue
+            m = np.where(np.isnan(content[p]), -np.inf, content[p])
+            r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+            x, y = lb.frame_to_original(lb.pad_left + c + 0.5, lb.pad_top + r + 0.5)
+            above = np.nanmean(norm[p] > threshold)
+            columns["score"].append(float(scores[i, p]))
+            columns["peak_row"].append(int(min(max(np.floor(y), 0), lb.height - 1)))
+            columns["peak_col"].append(int(min(max(np.floor(x), 0), lb.width - 1)))
+            columns["area_fraction"].append(round(float(above), 6))
+            columns["area_px"].append(int(round(float(above) * lb.height * lb.width)))
+    return pl.DataFrame(columns, schema={
+        "index": pl.Int64, "path": pl.String, "prompt": pl.String, "status": pl.String, "score": pl.Float64,
+        "peak_row": pl.Int64, "peak_col": pl.Int64, "area_fraction": pl.Float64, "area_px": pl.Int64,
+    })
+
+
+def iter_original_maps(hf: HeatmapFile) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(image, prompt, map over the original pixels) for every successful pair, NaN outside the image."""
+    sigma, margin = _heatmap_settings(hf)
+    for i in range(hf.n_images):
+        record = hf.record(i)
+        if record.status != "ok":
+            continue
+        lb = Letterbox(**record.letterbox)
+        maps = hf.maps(i)
+        for p in range(hf.n_prompts):
+            yield i, p, original_map(torch.from_numpy(maps[p]), lb, sigma, margin).numpy()
+
+
+def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
+    from afloc_cli.vlp.overlay import overlay_name
+
+    return overlay_name(hf.record(i).path, int(hf.indices[i]), p, hf.prompts[p]).replace(".png", suffix)
+
+
+def export_png(hf: HeatmapFile, folder: Path) -> int:
+    """16-bit grey PNGs of the [-1, 1] map at original size (0 = -1, 65535 = +1, NaN -> 0)."""
+    n = 0
+    for i, p, heat in iter_original_maps(hf):
+        norm = minmax_signed(heat)
+        grey = np.nan_to_num((norm + 1) / 2 * 65535, nan=0).round().astype(np.uint16)
+        write_png(folder / _name(hf, i, p, ".png"), grey)
+        n += 1
+    return n
+
+
+def export_npy(hf: HeatmapFile, folder: Path) -> int:
+    """float32 .npy maps at original size (raw similarity, NaN outside the image)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for i, p, heat in iter_original_maps(hf):
+        target = folder / _name(hf, i, p, ".npy")
+        tmp = target.with_suffix(".npy.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, heat.astype(np.float32))
+        tmp.replace(target)
+        n += 1
+    return n
+
+
+def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | None = None) -> int:
+    """cheXlocalize's saliency pickles: `{image_id}_{task}_map.pkl` with map, prob, task, gt, cxr_img, cxr_dims.
+
+    The map is given at the model's grid (1, 1, g, g), smoothed, as cheXlocalize upsamples it to
+    `cxr_dims` itself; `prob` is the image score; `gt` is unknown here (NaN); `tasks` maps prompts to
+    cheXlocalize task names (default: the prompt itself).
+    """
+    from afloc_cli.image.data.io import read_image
+    from afloc_cli.vlp.heatmap import gaussian_smooth
+
+    sigma, _ = _heatmap_settings(hf)
+    folder.mkdir(parents=True, exist_ok=True)
+    scores = hf.scores()
+    n = 0
+    for i in range(hf.n_images):
+        record = hf.record(i)
+        if record.status != "ok":
+            continue
+        path = Path(record.path)
+        image_id = "_".join(path.with_suffix("").parts[-3:])
+        pixels = torch.from_numpy(read_image(path).pixels)
+        maps = gaussian_smooth(torch.from_numpy(hf.maps(i)), sigma)
+        for p, prompt in enumerate(hf.prompts):
+            task = (tasks or {}).get(prompt, prompt)
+            blob = {
+                "map": maps[p].reshape(1, 1, *maps.shape[-2:]).float(),
+                "prob": float(scores[i, p]),
+                "task": task,
+                "gt": float("nan"),
+                "cxr_img": pixels.unsqueeze(0).expand(3, -1, -1).clone(),
+                "cxr_dims": (record.width, record.height),
+            }
+            target = folder / f"{image_id}_{task}_map.pkl"
+            tmp = target.with_suffix(".pkl.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump(blob, f)
+            tmp.replace(target)
+            n += 1
+    return n
+
+
+def open_heatmaps(path: Path) -> HeatmapFile:
+    if not path.exists():
+        raise AflocError("heat-map file not found", path=path)
+    return HeatmapFile.open(path)

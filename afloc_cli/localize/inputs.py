@@ -1,0 +1,113 @@
+"""Which files a batch run covers, in a fixed order, and which part of them this shard takes."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from afloc_cli.errors import AflocError
+from afloc_cli.image.data.io import is_dicom
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+LIST_SUFFIXES = {".csv", ".txt", ".lst"}
+PATH_COLUMNS = ("path", "image_path", "file", "filename", "Path")
+
+
+def _walk(folder: Path) -> Iterable[Path]:
+    """Every radiograph under `folder`, sorted so every machine sees the same order."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom(path)):
+                yield path
+
+
+def _read_list(list_file: Path) -> list[Path]:
+    """A CSV (column `path`, or the first column) or a text file of paths, relative to the list's folder."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AflocError(f"cannot read the list of inputs: {exc}", path=list_file) from exc
+    base = list_file.parent
+    entries: list[str] = []
+    if list_file.suffix.lower() == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        if not rows:
+            return []
+        header = [h.strip() for h in rows[0]]
+        column = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
+        body = rows[1:] if column is not None else rows
+        column = column or 0
+        entries = [row[column].strip() for row in body if len(row) > column and row[column].strip()]
+    else:
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [p if p.is_absolute() else base / p for p in map(Path, entries)]
+
+
+def collect_inputs(arguments: list[Path]) -> list[Path]:
+    """Files as given, folders walked recursively (sorted), list files expanded; duplicates dropped.
+
+    A path that does not exist is a usage error, reported before any work starts.
+    """
+    seen: set[Path] = set()
+    out: list[Path] = []
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+
+    for arg in arguments:
+        if arg.is_dir():
+            for path in _walk(arg):
+                add(path)
+        elif arg.is_file():
+            if arg.suffix.lower() in LIST_SUFFIXES and not is_dicom(arg):
+                for path in _read_list(arg):
+                    add(path)
+            else:
+                add(arg)
+        else:
+            raise AflocError("no such file or folder", path=arg)
+    return out
+
+
+def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """`K/N` (0-based K), or `auto` from torchrun (RANK/WORLD_SIZE) or a Slurm array; None for no sharding."""
+    if spec is None:
+        return None
+    env = dict(os.environ if env is None else env)
+    if spec == "auto":
+        if "RANK" in env and "WORLD_SIZE" in env:
+            k, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+        elif "SLURM_ARRAY_TASK_ID" in env:
+            k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            n = int(env.get("SLURM_ARRAY_TASK_COUNT", "0"))
+            if n <= 0:
+                raise AflocError("--shard auto: SLURM_ARRAY_TASK_COUNT is not set")
+        else:
+            raise AflocError("--shard auto needs RANK/WORLD_SIZE (torchrun) or SLURM_ARRAY_TASK_ID (Slurm array)")
+    else:
+        try:
+            k_text, n_text = spec.split("/")
+            k, n = int(k_text), int(n_text)
+        except ValueError as exc:
+            raise AflocError(f"--shard expects K/N (e.g. 0/4) or auto, got {spec!r}") from exc
+    if not (n >= 1 and 0 <= k < n):
+        raise AflocError(f"--shard {k}/{n}: K must be in 0..N-1")
+    return k, n
+
+
+def shard_indices(n_items: int, shard: tuple[int, int] | None) -> list[int]:
+    """Round-robin: item i goes to shard i mod N, so shards stay balanced whatever the folder order."""
+    if shard is None:
+        return list(range(n_items))
+    k, n = shard
+    return list(range(k, n_items, n))

@@ -1,0 +1,107 @@
+"""Images x prompts -> raw similarity grids and image-level scores, batched.
+
+Prompts are encoded once per run. The grid is the deep-local level (layer3,
+aligned with sentences) as in the reference; the shallow level (layer2, words)
+and a fused map are extensions, never the default. The image-level score is the
+cosine between the global image embedding and the prompt's report embedding,
+the similarity the global loss trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from afloc_cli.errors import AflocError
+from afloc_cli.image.data.transforms import normalize
+from afloc_cli.image.model.encoder import grid_sizes
+from afloc_cli.vlp.heatmap import similarity
+from afloc_cli.vlp.model import AflocModel
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Level = Literal["deep", "shallow", "fused"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AflocError("--device cuda: no CUDA device is available", hint="use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise AflocError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and precision == "fp16":
+        raise AflocError("--precision fp16 is for GPUs", hint="use bf16 or fp32 on the CPU")
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(-2)
+    lo = flat.min(-1, keepdim=True).values.unsqueeze(-1)
+    hi = flat.max(-1, keepdim=True).values.unsqueeze(-1)
+    return (maps - lo) / (hi - lo).clamp(min=1e-12) * 2 - 1
+
+
+@dataclass
+class EngineOutput:
+    maps: torch.Tensor  # (B, P, g, g) float32 raw similarity (fused: mean of the two min-max maps)
+    scores: torch.Tensor  # (B, P) float32
+
+
+class LocalizationEngine:
+    def __init__(
+        self,
+        model: AflocModel,
+        prompts: list[str],
+        *,
+        device: torch.device,
+        precision: Precision = "fp32",
+        level: Level = "deep",
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.level = level
+        self.cfg = model.cfg
+        with torch.inference_mode():
+            self.prompt_embeddings = model.encode_prompts(prompts).float().to(device)
+        self.prompt_directions = F.normalize(self.prompt_embeddings, dim=1)
+        sizes = grid_sizes(self.cfg.image, self.cfg.preprocess.image_size)
+        self.grid = sizes["deep"] if level == "deep" else sizes["shallow"]
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.preprocess.image_size
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> EngineOutput:
+        """frames: (B, S, S) uint8 letterboxed images."""
+        pre = self.cfg.preprocess
+        x = normalize(frames.to(self.device, non_blocking=True), pre.mean, pre.std)
+        levels = {"deep": ("deep", "global"), "shallow": ("shallow", "global")}.get(
+            self.level, ("shallow", "deep", "global")
+        )
+        with autocast(self.device, self.precision):
+            feats = self.model.encode_images(x.contiguous(), levels)
+        mode = self.cfg.heatmap.similarity
+        if self.level == "deep":
+            maps = similarity(feats.deep.float(), self.prompt_embeddings, mode)
+        elif self.level == "shallow":
+            maps = similarity(feats.shallow.float(), self.prompt_embeddings, mode)
+        else:
+            shallow = similarity(feats.shallow.float(), self.prompt_embeddings, mode)
+            deep = similarity(feats.deep.float(), self.prompt_embeddings, mode)
+            deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
+            maps = (_minmax(shallow) + _minmax(deep)) / 2
+        scores = F.normalize(feats.global_.float(), dim=1) @ self.prompt_directions.T
+        return EngineOutput(maps=maps.float().cpu(), scores=scores.float().cpu())

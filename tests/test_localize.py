@@ -1,0 +1,247 @@
+"""`afloc localize` and the files around it: orientation, prompts, exit codes, resume, shards, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from afloc_cli.checkpoint.io import save_checkpoint
+from afloc_cli.cli import run
+from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.store import HeatmapFile, equal_contents
+from afloc_cli.image.data.transforms import Letterbox
+from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
+from afloc_cli.localize.runner import run_localize
+from afloc_cli.text.inference_engine import parse_prompts
+from afloc_cli.vlp.heatmap import original_map
+from afloc_cli.vlp.model import build_model
+
+
+# ---- an oracle engine: the map is the image itself, pooled to the grid ---------------------------
+class OracleEngine:
+    """Brightness as 'similarity': whatever the pipeline does to geometry shows in where the peak lands."""
+
+    def __init__(self, grid: int = 19, size: int = 224) -> None:
+        self.grid, self.image_size, self.level, self.precision = grid, size, "deep", "fp32"
+        self.cfg = small_config()
+
+    def __call__(self, frames: torch.Tensor):
+        pooled = F.adaptive_avg_pool2d(frames.float().unsqueeze(1), self.grid)
+        maps = torch.cat([pooled, -pooled], dim=1)  # prompt 0: bright, prompt 1: dark
+        return type("Out", (), {"maps": maps, "scores": maps.mean((-2, -1))})()
+
+
+def test_orientation_non_square_peak_lands_in_original_pixels(tmp_path):
+    h, w = 300, 520  # wide
+    img = np.full((h, w), 30, np.uint8)
+    row, col = 70, 400  # upper right
+    img[row - 25 : row + 25, col - 25 : col + 25] = 250
+    path = tmp_path / "wide.png"
+    Image.fromarray(img).save(path)
+    tall = np.full((w, h), 30, np.uint8)
+    tall[400 - 25 : 400 + 25, 70 - 25 : 70 + 25] = 250  # the same spot transposed, in a tall image
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    out = tmp_path / "o.h5"
+    summary = run_localize(OracleEngine(), paths=[path, tmp_path / "tall.png"], indices=[0, 1],
+                           prompts=["bright", "dark"], out=out, checkpoint_sha256="0" * 64, workers=0)
+    assert summary.done == 2 and summary.failed == 0
+    with HeatmapFile.open(out) as hf:
+        for i, (er, ec) in enumerate([(row, col), (400, 70)]):
+            rec = hf.record(i)
+            heat = original_map(torch.from_numpy(hf.raw(i, 0)), Letterbox(**rec.letterbox)).numpy()
+            assert heat.shape == ((h, w) if i == 0 else (w, h))
+            r, c = np.unravel_index(int(np.nanargmax(heat)), heat.shape)
+            assert abs(r - er) <= 20 and abs(c - ec) <= 20, (i, r, c)
+
+
+# ---- prompts and inputs ------------------------------------------------------------------------
+def test_prompt_file_rules(tmp_path):
+    lines = ["# findings", "", "  left pleural effusion ", "pneumothorax", "left pleural effusion", "# x"]
+    parsed = parse_prompts(lines, "p.txt")
+    assert parsed.prompts == ["left pleural effusion", "pneumothorax"]
+    assert len(parsed.notes) == 1 and "duplicate" in parsed.notes[0] and "p.txt:5" in parsed.notes[0]
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("opacit\xe9\n".encode("latin-1"))
+    from afloc_cli.text.inference_engine import read_prompts_file
+
+    with pytest.raises(AflocError, match="not UTF-8"):
+        read_prompts_file(bad)
+
+
+def test_inputs_folders_lists_and_dicom_without_extension(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/2.png", "a/1.png", "a/b/3.jpg"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / ".hidden.png").write_bytes(b"")
+    dicom_like = tmp_path / "a" / "IM0001"
+    dicom_like.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    found = collect_inputs([tmp_path / "a"])
+    assert [p.name for p in found] == ["1.png", "2.png", "IM0001", "3.jpg"]
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\na/1.png,x\na/b/3.jpg,y\n")
+    assert [p.name for p in collect_inputs([listing, tmp_path / "a" / "1.png"])] == ["1.png", "3.jpg"]
+    with pytest.raises(AflocError, match="no such file"):
+        collect_inputs([tmp_path / "missing"])
+
+
+def test_shards():
+    assert parse_shard("1/3") == (1, 3)
+    assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
+    assert parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}) == (3, 4)
+    with pytest.raises(AflocError):
+        parse_shard("4/4")
+    parts = [shard_indices(10, (k, 3)) for k in range(3)]
+    assert sorted(sum(parts, [])) == list(range(10))
+
+
+# ---- the command, with a real (tiny) model --------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = small_config().replace(
+        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+        preprocess=PreprocessConfig(image_size=64),
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(build_model(cfg).eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+    return root
+
+
+def _localize(args: list[str], ckpt: Path) -> int:
+    return run(["localize", *args, "--checkpoint", str(ckpt), "--workers", "0", "--batch-size", "3"])
+
+
+def test_localize_cli_exit_codes_and_json(tmp_path, tiny_checkpoint, image_folder, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("left effusion\nright pneumothorax\n")
+    out = tmp_path / "ok.h5"
+    assert _localize([str(image_folder), "--prompts", str(prompts), "--out", str(out), "--json"], tiny_checkpoint) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["done"] == 10 and summary["failed"] == 0 and summary["prompts"] == 2
+    with HeatmapFile.open(out) as hf:
+        assert hf.prompts == ["left effusion", "right pneumothorax"]
+        assert hf.attrs["checkpoint_sha256"] == summary["checkpoint_sha256"]
+        assert hf.raw(0, 0).shape == (hf.grid, hf.grid)
+    # Refuses to overwrite; usage errors exit 2.
+    assert _localize([str(image_folder), "--prompt", "x y", "--out", str(out)], tiny_checkpoint) == 2
+    # A broken file: exit 3, the run goes on, the failure is recorded with its reason.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken / "good.png")
+    out2 = tmp_path / "some-failed.h5"
+    assert _localize([str(broken), "--prompt", "left effusion", "--out", str(out2)], tiny_checkpoint) == 3
+    with HeatmapFile.open(out2) as hf:
+        failures = hf.failures()
+        assert len(failures) == 1 and "bad.png" in failures[0].path and failures[0].error
+    # --strict stops at the first failure.
+    assert _localize([str(broken), "--prompt", "left effusion", "--out", str(tmp_path / "s.h5"), "--strict"],
+                     tiny_checkpoint) != 0
+    # Missing checkpoint: one line, exit 2.
+    capsys.readouterr()
+    assert run(["localize", str(image_folder), "--prompt", "a b", "--out", str(tmp_path / "x.h5"),
+                "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_shards_merged_equal_single_run_and_scores_tables(tmp_path, tiny_checkpoint, image_folder):
+    args = [str(image_folder), "--prompt", "left effusion", "--prompt", "cardiomegaly"]
+    single = tmp_path / "single.h5"
+    assert _localize([*args, "--out", str(single)], tiny_checkpoint) == 0
+    shards = []
+    for k in range(3):
+        shards.append(tmp_path / f"shard{k}.h5")
+        assert _localize([*args, "--out", str(shards[-1]), "--shard", f"{k}/3"], tiny_checkpoint) == 0
+    merged = tmp_path / "merged.h5"
+    assert run(["merge", *map(str, reversed(shards)), "--out", str(merged)]) == 0
+    assert equal_contents(single, merged)
+    # Tables: same inputs, same bytes.
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(["scores", str(single), "--out", str(a)]) == 0
+    assert run(["scores", str(merged), "--out", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    table = pl.read_csv(a)
+    assert table.height == 20 and set(table.columns) >= {"path", "prompt", "score", "peak_row", "peak_col"}
+    assert (table["peak_row"] >= 0).all() and (table["peak_col"] < 50).all()
+    pq1, pq2 = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    assert run(["scores", str(single), "--out", str(pq1)]) == 0
+    assert run(["scores", str(single), "--out", str(pq2)]) == 0
+    assert pq1.read_bytes() == pq2.read_bytes()
+
+
+def test_export_npy_png_chexlocalize(tmp_path, tiny_checkpoint, image_folder):
+    out = tmp_path / "e.h5"
+    assert _localize([str(image_folder / "img03.png"), "--prompt", "left effusion", "--out", str(out)],
+                     tiny_checkpoint) == 0
+    assert run(["export", str(out), "--npy", str(tmp_path / "npy")]) == 0
+    (npy,) = list((tmp_path / "npy").glob("*.npy"))
+    assert np.load(npy).shape == (43, 50)
+    assert run(["export", str(out), "--png", str(tmp_path / "png")]) == 0
+    (png,) = list((tmp_path / "png").glob("*.png"))
+    assert np.array(Image.open(png)).shape == (43, 50)
+    assert run(["export", str(out), "--chexlocalize", str(tmp_path / "cx")]) == 0
+    import pickle
+
+    (pkl,) = list((tmp_path / "cx").glob("*_map.pkl"))
+    blob = pickle.loads(pkl.read_bytes())
+    assert set(blob) == {"map", "prob", "task", "gt", "cxr_img", "cxr_dims"}
+    assert blob["cxr_dims"] == (50, 43) and blob["map"].dim() == 4
+
+
+def test_overlays(tmp_path, tiny_checkpoint, image_folder):
+    out = tmp_path / "ov.h5"
+    assert _localize([str(image_folder / "img01.png"), "--prompt", "left effusion", "--out", str(out),
+                      "--overlays", str(tmp_path / "ov")], tiny_checkpoint) == 0
+    (png,) = list((tmp_path / "ov").glob("*.png"))
+    assert np.array(Image.open(png)).shape == (41, 50, 3)
+
+
+_CHILD = """
+import sys
+from afloc_cli.cli import run
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_checkpoint, image_folder):
+    args = [str(image_folder), "--prompt", "left effusion", "--checkpoint", str(tiny_checkpoint),
+            "--workers", "0", "--batch-size", "1"]
+    ref = tmp_path / "ref.h5"
+    assert run(["localize", *args, "--out", str(ref)]) == 0
+    out = tmp_path / "killed.h5"
+    journal = Path(str(out) + ".partial")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, "localize", *args, "--out", str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.npz"))) < 3:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not out.exists() and journal.exists()
+    assert run(["localize", *args, "--out", str(out), "--resume"]) == 0
+    assert equal_contents(ref, out)
+    assert not journal.exists()
