@@ -59,6 +59,11 @@ def _register() -> None:
     app.command("export")(export.export_command)
     app.command("merge")(merge.merge_command)
 
+    from afloc_cli.commands import pretrain
+
+    app.command("prepare")(pretrain.prepare_command)
+    app.command("pretrain")(pretrain.pretrain_command)
+
 
 def run(argv: list[str]) -> int:
     """Run the CLI on `argv` and return the exit code (the tests call this directly)."""

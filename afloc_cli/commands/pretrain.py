@@ -1,0 +1,76 @@
+"""`afloc prepare` and `afloc pretrain`: the decoded-once cache, then multi-level contrastive training."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from afloc_cli.errors import AflocError
+
+
+def prepare_command(
+    corpus: Path = typer.Argument(..., help="Manifest CSV/Parquet, folder with manifest.csv, or MIMIC-CXR-JPG root."),
+    out: Path = typer.Option(..., "--out", help="Cache folder (resumable: run again to complete it)."),
+    size: int = typer.Option(224, "--size", help="Letterbox size (the model's input)."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Decode every image of a corpus once into a memory-mapped uint8 cache for training."""
+    from train.data import prepare_cache
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, disable=not sys.stderr.isatty() or as_json) as progress:
+        task = progress.add_task("images", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        summary = prepare_cache(corpus, out, size=size, workers=workers, on_progress=on_progress)
+    if as_json:
+        typer.echo(json.dumps(summary, sort_keys=True))
+    else:
+        console.print(f"cache {out}: {summary['done']}/{summary['n']} images ready, {summary['failed']} unreadable"
+                      + (f" (see {out / 'failures.csv'})" if summary["failed"] else ""))
+
+
+def pretrain_command(
+    data: Path = typer.Argument(..., help="A prepared cache (afloc prepare), or a corpus to prepare into OUT/cache."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints/, metrics.csv, model.safetensors."),
+    config: Path | None = typer.Option(None, "--config", help="TOML training config."),
+    preset: str | None = typer.Option(None, "--preset", help="Model shape to start from: resnet50 or small."),
+    losses: str | None = typer.Option(None, "--losses", help="Comma list of global,sent,word (ablations)."),
+    overrides: list[str] | None = typer.Option(None, "--set", help="Override a setting: key=value (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoints/last.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+) -> None:
+    """Pretrain AFLoc's three contrastive losses (torchrun-ready: run under torchrun for DDP)."""
+    from train.data import FrameCache, prepare_cache
+    from train.main import train
+
+    console = Console(stderr=True)
+    from train.config import load_config, with_losses
+
+    cfg = with_losses(load_config(config, overrides, preset), losses)
+    cache_dir = data
+    if not (data / "meta.json").is_file():
+        cache_dir = out / "cache"
+        console.print(f"preparing {data} into {cache_dir} ...")
+        prepare_cache(data, cache_dir, size=cfg.model.preprocess.image_size, workers=cfg.workers)
+    if (out / "checkpoints" / "last.json").exists() and not resume:
+        raise AflocError("run folder already has checkpoints", path=out, hint="use --resume or a new --out")
+    state = train(cfg, FrameCache(cache_dir), out, device=device, resume=resume, console=console,
+                  show_progress=sys.stderr.isatty() and not as_json)
+    summary = {"out": str(out), "steps": state.step, "epochs_done": state.epoch,
+               "model": str(out / "model.safetensors")}
+    if as_json:
+        typer.echo(json.dumps(summary, sort_keys=True))
+    else:
+        console.print(f"trained {state.step} steps -> {out / 'model.safetensors'}")

@@ -1,0 +1,75 @@
+"""DDP with gathered embeddings: 2 gloo ranks give the loss and gradients of one process on the global batch."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.text.data.sentences import prepare_report
+from afloc_cli.vlp.model import build_model
+from train.config import TrainConfig
+from train.distributed import DistInfo
+from train.loop import _Forward, compute_losses
+
+REPORTS = [
+    "There is a small left pleural effusion. The heart size is normal.",
+    "Right upper lobe opacity. No pneumothorax is seen. Mild cardiomegaly.",
+    "Large right pneumothorax.",
+    "The lungs are clear. No effusion. Heart size normal.",
+]
+WATCH = ("image_encoder.global_embedder.weight", "image_encoder.local_embedder.weight",
+         "image_encoder.local2_embedder.weight", "text_encoder.model.encoder.layer.5.output.dense.weight")
+
+
+def _setup() -> tuple[TrainConfig, nn.Module, torch.Tensor, list]:
+    cfg = TrainConfig(model=small_config().replace(
+        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+        preprocess=PreprocessConfig(image_size=64)), batch_size=4, precision="fp32")
+    torch.manual_seed(0)
+    random.seed(0)
+    model = build_model(cfg.model)
+    model.eval()  # BatchNorm on running statistics and no dropout: the comparison is about the losses
+    frames = torch.randint(0, 255, (4, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    texts = [prepare_report(r) for r in REPORTS]
+    return cfg, model, frames, texts
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg, model, frames, texts = _setup()
+    forward = nn.parallel.DistributedDataParallel(_Forward(model, ("global", "deep", "shallow")),
+                                                  find_unused_parameters=True)
+    per = len(texts) // world
+    part = slice(rank * per, (rank + 1) * per)
+    losses = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
+                            torch.device("cpu"), "fp32")
+    losses["total"].backward()
+    params = dict(model.named_parameters())
+    torch.save({"losses": {k: v.detach() for k, v in losses.items()},
+                "grads": {k: params[k].grad.clone() for k in WATCH}}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path):
+    cfg, model, frames, texts = _setup()
+    forward = _Forward(model, ("global", "deep", "shallow"))
+    losses = compute_losses(forward, model, frames, texts, cfg, DistInfo(), torch.device("cpu"), "fp32")
+    losses["total"].backward()
+    params = dict(model.named_parameters())
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key in ("global", "sentence", "word", "total"):
+            torch.testing.assert_close(got["losses"][key], losses[key].detach(), rtol=1e-5, atol=1e-6)
+        for key in WATCH:
+            torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)

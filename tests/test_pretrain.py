@@ -1,0 +1,183 @@
+"""Pretraining on a tiny synthetic-style corpus: losses fall, resume is exact, config and ablations work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from afloc_cli.cli import run
+from afloc_cli.errors import AflocError
+from train.config import load_config, with_losses
+from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
+from train.loop import Trainer
+
+SIDES = ["left", "right"]
+KINDS = ["effusion", "nodule"]
+
+
+def _write_corpus(root: Path, n: int = 24) -> Path:
+    """A tiny corpus whose reports name a bright blob's side: enough signal for losses to fall."""
+    rng = np.random.default_rng(0)
+    rows = ["image_path,report,split"]
+    for i in range(n):
+        img = (rng.random((48, 40)) * 40).astype(np.uint8)
+        side = SIDES[i % 2]
+        kind = KINDS[(i // 2) % 2]
+        x0 = 4 if side == "right" else 24  # radiographic convention: patient's right on image left
+        img[10:30, x0 : x0 + 12] = 220 if kind == "effusion" else 160
+        name = f"img{i:03d}.png"
+        Image.fromarray(img).save(root / name)
+        split = "val" if i >= n - 4 else "train"
+        rows.append(f"{name},\"There is a {side} {kind}. The heart size is normal.\",{split}")
+    # One unreadable image and one empty report: skipped and counted, never fatal.
+    (root / "broken.png").write_bytes(b"not a png")
+    rows.append("broken.png,\"Left effusion is present. Heart normal.\",train")
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(root / "empty.png")
+    rows.append("empty.png,\"\",train")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+TINY = [
+    "preset=small",
+    "model.image.hidden_sizes=8,16,32,64",
+    "model.image.embedding_size=8",
+    "model.preprocess.image_size=64",
+    "batch_size=4",
+    "workers=0",
+    "optim.lr=0.001",
+    "checkpoint_every=0",
+    "precision=fp32",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = _write_corpus(root)
+    out = root / "cache"
+    summary = prepare_cache(manifest, out, size=64, workers=0)
+    assert summary["failed"] == 1 and summary["done"] == summary["n"] - 1
+    return out
+
+
+def _cfg(*extra: str):
+    return load_config(None, TINY + list(extra))
+
+
+def test_cache_failures_table_and_resume(cache):
+    failures = (cache / "failures.csv").read_text()
+    assert "broken.png" in failures
+    again = prepare_cache(Path(FrameCache(cache).meta["corpus"]), cache, size=64, workers=0)
+    assert again["done"] == again["n"] - 1  # nothing redone, nothing lost
+
+
+def test_dataset_skips_and_counts(cache):
+    trainer = Trainer(_cfg("epochs=1"), FrameCache(cache), cache.parent / "run-count")
+    stats = trainer.train_set.stats
+    assert stats.skipped_empty_report == 1 and stats.skipped_unreadable == 1
+    assert stats.usable == 20
+
+
+def test_losses_fall_for_every_level(cache, tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg("epochs=6", "val_every=0"), FrameCache(cache), tmp_path / "run")
+    trainer.fit()
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    header = rows[0]
+    body = [r for r in rows[1:] if r[header.index("loss")]]
+    for key in ("loss_global", "loss_sentence", "loss_word"):
+        col = header.index(key)
+        values = [float(r[col]) for r in body]
+        first, last = np.mean(values[:3]), np.mean(values[-3:])
+        assert last < first, (key, first, last)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_resume_is_exact(cache, tmp_path):
+    straight = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "a")
+    straight.fit()
+    first = Trainer(_cfg("epochs=2", "max_steps=7"), FrameCache(cache), tmp_path / "b")
+    first.fit()  # stops mid-epoch 1 (5 steps per epoch) and saves
+    resumed = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "b")
+    assert resumed.resume()
+    assert resumed.state.step == 7 and resumed.state.epoch == 1
+    resumed.fit()
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_ablation_switches(cache, tmp_path):
+    cfg = with_losses(_cfg("epochs=1", "max_steps=1"), "global")
+    trainer = Trainer(cfg, FrameCache(cache), tmp_path / "g")
+    trainer.fit()
+    header = (tmp_path / "g" / "metrics.csv").read_text().splitlines()
+    row = dict(zip(header[0].split(","), header[1].split(","), strict=True))
+    assert row["loss_global"] != "nan" and row["loss_word"] == "nan" and row["loss_sentence"] == "nan"
+    with pytest.raises(AflocError):
+        with_losses(cfg, "global,pixels")
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(cache, tmp_path, monkeypatch):
+    import train.loop as loop
+
+    calls = {"n": 0}
+    real = loop.global_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 4 else value
+
+    monkeypatch.setattr(loop, "global_loss", poisoned)
+    trainer = Trainer(_cfg("epochs=3", "checkpoint_every=2"), FrameCache(cache), tmp_path / "nan")
+    with pytest.raises(AflocError, match="loss is nan at step 4"):
+        trainer.fit()
+    pointer = json.loads((tmp_path / "nan" / "checkpoints" / "last.json").read_text())
+    assert pointer["step"] == 2
+    folder = tmp_path / "nan" / "checkpoints" / pointer["checkpoint"]
+    weights = load_file(str(folder / "model.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def test_batches_shard_the_global_batch():
+    full = batches_for_rank(20, 8, seed=1, epoch=0)
+    r0 = batches_for_rank(20, 8, seed=1, epoch=0, rank=0, world=2)
+    r1 = batches_for_rank(20, 8, seed=1, epoch=0, rank=1, world=2)
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == full
+    assert batches_for_rank(20, 8, seed=1, epoch=0, start=1) == full[1:]
+
+
+def test_report_sections():
+    text = "EXAMINATION: CHEST\nFINDINGS: Small left effusion.\nIMPRESSION: Effusion.\nRECOMMENDATION(S): none"
+    assert report_sections(text) == "Small left effusion. Effusion."
+    assert report_sections("no headers at all") == ""
+
+
+def test_toml_config_and_overrides(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('preset = "small"\nbatch_size = 16\n[optim]\nlr = 0.0001\n[model.loss]\nuse_word = false\n')
+    cfg = load_config(path, ["epochs=2"])
+    assert cfg.batch_size == 16 and cfg.optim.lr == 1e-4 and cfg.epochs == 2
+    assert not cfg.model.loss.use_word and cfg.model.image.arch == "resnet18"
+    with pytest.raises(AflocError, match="unknown"):
+        load_config(None, ["nonsense=1"])
+
+
+def test_pretrain_cli(cache, tmp_path, capsys):
+    code = run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--json",
+                *sum((["--set", s] for s in [*TINY, "epochs=1", "max_steps=2"]), [])])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 2
+    assert run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--set", "preset=small"]) == 2

@@ -1,0 +1,374 @@
+"""The pretraining loop: three contrastive losses, exact resume, safe checkpoints.
+
+Resume is exact because everything random is a function of saved state: the
+epoch order comes from (seed, epoch), each report's sentence sample from
+(seed, epoch, item), dropout from the torch RNG state saved with the
+checkpoint, and the data position is the number of batches of the current
+epoch already consumed at the last optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from afloc_cli.checkpoint.io import save_checkpoint
+from afloc_cli.errors import AflocError
+from afloc_cli.image.data.transforms import normalize
+from afloc_cli.text.data.sentences import PreparedText
+from afloc_cli.vlp.model import AflocModel, build_model
+from train.config import TrainConfig
+from train.data import FrameCache, PretrainDataset, batches_for_rank
+from train.distributed import DistInfo, gather, gather_padded
+from train.losses import global_loss, local_loss
+
+
+class NonFiniteLoss(AflocError):
+    """The loss became NaN or infinite: the run stops, the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` consumed up to the last optimizer step
+    step: int = 0  # optimizer steps
+    best: list[tuple[float, int]] = field(default_factory=list)  # (val loss, step) of kept best checkpoints
+
+
+class _Forward(nn.Module):
+    """What DDP wraps: one forward producing every embedding the losses need."""
+
+    def __init__(self, model: AflocModel, levels: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor, text_batch: Any) -> tuple[Any, Any]:
+        return self.model.encode_images(x, self.levels), self.model.text_encoder(text_batch)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def compute_losses(
+    forward: nn.Module,
+    model: AflocModel,
+    frames: torch.Tensor,
+    texts: list[PreparedText],
+    cfg: TrainConfig,
+    dist: DistInfo,
+    device: torch.device,
+    precision: str,
+) -> dict[str, torch.Tensor]:
+    """The three losses over the global batch (embeddings gathered from every rank)."""
+    lc = cfg.model.loss
+    pre = cfg.model.preprocess
+    x = normalize(frames.to(device), pre.mean, pre.std).contiguous()
+    tb = model.text_encoder.tokenize(texts).to(device)
+    with _autocast(device, precision):
+        img, txt = forward(x, tb)
+    out: dict[str, torch.Tensor] = {}
+    zero = x.new_zeros(())
+    chunk = cfg.local_chunk
+    if lc.use_global:
+        out["global"] = lc.weight_global * global_loss(
+            gather(img.global_.float(), dist), gather(txt.report.float(), dist), lc.temp3
+        )
+    if lc.use_sentence:
+        out["sentence"] = lc.weight_sentence * local_loss(
+            gather(img.deep.float(), dist),
+            gather_padded(txt.sentences.float(), dist),
+            gather_padded(txt.sentence_mask, dist),
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk,
+        )
+    if lc.use_word:
+        out["word"] = lc.weight_word * local_loss(
+            gather(img.shallow.float(), dist),
+            gather_padded(txt.words.float(), dist),
+            gather_padded(txt.word_mask, dist),
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk,
+        )
+    out["total"] = sum(out.values(), zero)
+    return out
+
+
+def levels_for(cfg: TrainConfig) -> tuple[str, ...]:
+    lc = cfg.model.loss
+    levels = [name for name, on in (("global", lc.use_global), ("deep", lc.use_sentence),
+                                     ("shallow", lc.use_word)) if on]
+    if not levels:
+        raise AflocError("every loss is switched off: nothing to train")
+    return tuple(levels)
+
+
+def _collate(items: list[tuple[torch.Tensor, PreparedText]]) -> tuple[torch.Tensor, list[PreparedText]]:
+    return torch.stack([f for f, _ in items]), [t for _, t in items]
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        cache: FrameCache,
+        out: Path,
+        *,
+        dist: DistInfo | None = None,
+        device: torch.device | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.dist = dist or DistInfo()
+        self.device = device or torch.device("cpu")
+        self.log = log
+        self.precision = resolve_precision(cfg.precision, self.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        if cfg.freeze_text:
+            for p in self.model.text_encoder.parameters():
+                p.requires_grad_(False)
+        self.train_set = PretrainDataset(cache, "train", cfg.seed)
+        self.val_set = PretrainDataset(cache, "val", cfg.seed)
+        if len(self.train_set) < cfg.batch_size:
+            raise AflocError(
+                f"the train split has {len(self.train_set)} usable pairs, fewer than one batch of {cfg.batch_size}",
+                path=cache.folder,
+            )
+        self.forward: nn.Module = _Forward(self.model, levels_for(cfg))
+        if self.dist.enabled:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.forward = nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=ids, find_unused_parameters=True
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=o.step_gamma)
+        self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        self.state = TrainState()
+        self.ckpt_dir = out / "checkpoints"
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, tag: str | None = None) -> Path:
+        """Write model + training state into a new folder, then point last.json at it (atomic)."""
+        name = tag or f"step-{self.state.step:07d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_checkpoint(self.model, tmp / "model.safetensors",
+                        provenance={"train_step": self.state.step, "config": self.cfg.to_dict()})
+        torch.save(
+            {
+                "state": dataclasses.asdict(self.state),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "train_state.pt",
+        )
+        (tmp / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=list))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = self.ckpt_dir / "last.json"
+        pointer_tmp = self.ckpt_dir / ".last.json.tmp"
+        pointer_tmp.write_text(json.dumps({"checkpoint": name, "step": self.state.step}))
+        os.replace(pointer_tmp, pointer)
+        self._prune(name)
+        return final
+
+    def _prune(self, last: str) -> None:
+        """Keep the latest checkpoint and the best k by validation loss; remove the rest."""
+        keep = {last} | {f"step-{step:07d}" for _, step in self.state.best}
+        for folder in self.ckpt_dir.glob("step-*"):
+            if folder.is_dir() and folder.name not in keep:
+                shutil.rmtree(folder)
+
+    def resume(self) -> bool:
+        pointer = self.ckpt_dir / "last.json"
+        if not pointer.is_file():
+            return False
+        folder = self.ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
+        self.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
+        blob = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
+        st = blob["state"]
+        self.state = TrainState(st["epoch"], st["batch_in_epoch"], st["step"], [tuple(b) for b in st["best"]])
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["torch_rng"])
+        if blob["cuda_rng"]:
+            torch.cuda.set_rng_state_all(blob["cuda_rng"])
+        self.log(f"resumed from {folder} (step {self.state.step}, epoch {self.state.epoch})")
+        return True
+
+    def _record_val(self, val_loss: float) -> None:
+        """Remember this step's validation loss; only the best k survive pruning."""
+        self.state.best.append((val_loss, self.state.step))
+        self.state.best.sort()
+        self.state.best = self.state.best[: self.cfg.keep_best]
+
+    # ---- validation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if len(self.val_set) < self.cfg.batch_size // self.dist.world or self.dist.enabled:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.cfg.batch_size
+        for b in range(min(self.cfg.val_batches, len(self.val_set) // bs)):
+            items = [self.val_set[(i, 0)] for i in range(b * bs, (b + 1) * bs)]
+            frames, texts = _collate(items)
+            losses = compute_losses(self.forward, self.model, frames, texts, self.cfg, self.dist,
+                                    self.device, self.precision)
+            total += float(losses["total"])
+            count += 1
+        self.model.train()
+        return total / count if count else None
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _metrics_file(self) -> Path:
+        path = self.out / "metrics.csv"
+        if path.exists() and self.state.step > 0:
+            rows = list(csv.DictReader(path.open()))
+            keep = [r for r in rows if int(r["step"]) <= self.state.step]
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["step"])
+                writer.writeheader()
+                writer.writerows(keep)
+        return path
+
+    def fit(self, on_step: Callable[[dict[str, float]], None] | None = None) -> TrainState:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self._metrics_file()
+        fields = ["step", "epoch", "loss", "loss_global", "loss_sentence", "loss_word", "lr", "images_per_s",
+                  "val_loss"]
+        new_file = not metrics_path.exists() or metrics_path.stat().st_size == 0
+        metrics = metrics_path.open("a", newline="")
+        writer = csv.DictWriter(metrics, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        self.model.train()
+        accumulate = max(1, cfg.optim.accumulate)
+        try:
+            while self.state.epoch < cfg.epochs:
+                batches = batches_for_rank(len(self.train_set), cfg.batch_size, cfg.seed, self.state.epoch,
+                                           self.dist.rank, self.dist.world, start=self.state.batch_in_epoch)
+                epoch = self.state.epoch
+                sampler = [[(i, epoch) for i in b] for b in batches]
+                # Its own generator, so creating the loader does not draw from the global RNG that
+                # dropout uses: a resumed run then sees exactly the same random stream.
+                loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                                    collate_fn=_collate, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                consumed = self.state.batch_in_epoch
+                tick = time.perf_counter()
+                micro = 0
+                for frames, texts in loader:
+                    losses = compute_losses(self.forward, self.model, frames, texts, cfg, self.dist,
+                                            self.device, self.precision)
+                    total = losses["total"]
+                    if not math.isfinite(float(total.detach())):
+                        raise NonFiniteLoss(
+                            f"loss is {float(total.detach())} at step {self.state.step + 1} (epoch {epoch}); stopping",
+                            hint=f"the last good checkpoint is in {self.ckpt_dir}; lower the learning rate "
+                            "or use fp32",
+                        )
+                    self.scaler.scale(total / accumulate).backward()
+                    micro += 1
+                    consumed += 1
+                    if micro % accumulate:
+                        continue
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state.step += 1
+                    self.state.batch_in_epoch = consumed
+                    now = time.perf_counter()
+                    row: dict[str, Any] = {
+                        "step": self.state.step,
+                        "epoch": epoch,
+                        "loss": float(total.detach()),
+                        **{f"loss_{k}": float(losses[k].detach()) if k in losses else math.nan
+                           for k in ("global", "sentence", "word")},
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_s": accumulate * cfg.batch_size / max(now - tick, 1e-9),
+                        "val_loss": "",
+                    }
+                    tick = now
+                    val = None
+                    if cfg.val_every and self.state.step % cfg.val_every == 0:
+                        val = self.validate()
+                        row["val_loss"] = "" if val is None else val
+                    if self.dist.is_main:
+                        writer.writerow(row)
+                        metrics.flush()
+                    if on_step is not None:
+                        on_step(row)
+                    if val is not None:
+                        self._record_val(val)
+                    if self.dist.is_main and (cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0):
+                        self.save()
+                    if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+                        return self._finish()
+                self.optimizer.zero_grad(set_to_none=True)  # drop a trailing partial accumulation
+                self.scheduler.step()
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                if not cfg.val_every:
+                    val = self.validate()
+                    if val is not None and self.dist.is_main:
+                        writer.writerow({"step": self.state.step, "epoch": epoch, "val_loss": val})
+                        metrics.flush()
+                        self._record_val(val)
+                        self.save()
+            return self._finish()
+        except KeyboardInterrupt:
+            if self.dist.is_main:
+                folder = self.save()
+                self.log(f"interrupted: saved {folder}; continue with --resume")
+            raise
+        finally:
+            metrics.close()
+
+    def _finish(self) -> TrainState:
+        if self.dist.is_main:
+            final = self.save()
+            shutil.copyfile(final / "model.safetensors", self.out / "model.safetensors")
+        return self.state
