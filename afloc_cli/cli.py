@@ -43,26 +43,28 @@ def _root(
 
 def _register() -> None:
     """Commands are registered here only once they are finished."""
-    from afloc_cli.commands import import_reference, inspect
-
-    app.command("inspect")(inspect.inspect_command)
-    app.command("import-reference")(import_reference.import_reference_command)
-
-    from afloc_cli.commands import synth
-
-    app.command("synth")(synth.synth_command)
-
-    from afloc_cli.commands import export, localize, merge, scores
+    from afloc_cli.commands import (
+        benchmark,
+        export,
+        import_reference,
+        inspect,
+        localize,
+        merge,
+        pretrain,
+        scores,
+        synth,
+    )
 
     app.command("localize")(localize.localize_command)
     app.command("scores")(scores.scores_command)
     app.command("export")(export.export_command)
     app.command("merge")(merge.merge_command)
-
-    from afloc_cli.commands import pretrain
-
+    app.command("benchmark")(benchmark.benchmark_command)
+    app.command("synth")(synth.synth_command)
     app.command("prepare")(pretrain.prepare_command)
     app.command("pretrain")(pretrain.pretrain_command)
+    app.command("inspect")(inspect.inspect_command)
+    app.command("import-reference")(import_reference.import_reference_command)
 
 
 def run(argv: list[str]) -> int:

@@ -1,0 +1,249 @@
+"""`afloc benchmark`: a dataset as downloaded + heat maps -> metric tables that say how they were made.
+
+The maps come from `afloc localize`'s own pipeline and file (so an interrupted
+benchmark resumes), or from any heat-map file in our schema. Scoring happens in
+the model frame (224 x 224), where the reference scores: the truth (boxes or
+masks in original pixels) is letterboxed exactly as the image was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from afloc_cli import __version__
+from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
+from afloc_cli.benchmark.datasets.base import Item
+from afloc_cli.benchmark.metrics import (
+    DEFAULT_THRESHOLDS,
+    PROTOCOL,
+    apply_thresholds,
+    auroc_table,
+    per_item_table,
+    score_item,
+    summarize,
+    tune_thresholds,
+)
+from afloc_cli.errors import AflocError
+from afloc_cli.heatmaps.store import HeatmapFile
+from afloc_cli.image.data.transforms import Letterbox
+from afloc_cli.vlp.heatmap import frame_maps
+
+# IoU / Dice / CNR read off the paper's figure (SPEC.md, "What the paper reports").
+PAPER = {
+    "rsna": {"AFLoc": (0.343, 0.485, 1.54), "MedKLIP": (0.318, 0.465, 1.04)},
+    "ms-cxr": {"AFLoc": (0.325, 0.463, 1.64), "GLoRIA": (0.269, 0.393, 1.29),
+               "AFLoc re-run (third party)": (0.323, 0.461, 1.63)},
+    "covid-rural": {"AFLoc": (0.211, 0.323, 1.07), "BioViL": (0.192, 0.298, 0.98)},
+}
+NEGATIVE_TEMPLATE = "No {category}."
+
+
+@dataclass
+class BenchmarkResult:
+    out: Path
+    summary: pl.DataFrame
+    per_category: pl.DataFrame
+    auroc: pl.DataFrame | None
+    protocol: dict[str, Any]
+    problems: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _annotation_hashes(root: Path) -> dict[str, str]:
+    """sha256 of the annotation files at the dataset root (CSV/JSON), so a table names its exact inputs."""
+    files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root])
+                   if p.is_file() and p.suffix.lower() in (".csv", ".json", ".gz") and p.stat().st_size < 512 << 20)
+    return {str(p.relative_to(root) if root.is_dir() else p.name): _hash_file(p) for p in files[:50]}
+
+
+def select_items(items: list[Item], prompt_source: str, template: str, limit: int | None) -> list[Item]:
+    """Items in a fixed order; `template` prompts replace phrases when asked; `limit` keeps the first N images."""
+    from dataclasses import replace
+
+    ordered = sorted(items, key=lambda it: (str(it.image_path), it.category, it.prompt, it.item_id))
+    if prompt_source == "template":
+        ordered = [replace(it, prompt=template.format(category=it.category)) for it in ordered]
+    elif prompt_source != "phrase":
+        raise AflocError(f"--prompt-source must be phrase or template, not {prompt_source!r}")
+    if limit is not None:
+        keep: list[str] = []
+        for it in ordered:
+            key = str(it.image_path)
+            if key not in keep:
+                keep.append(key)
+            if len(keep) >= limit:
+                break
+        allowed = set(keep)
+        ordered = [it for it in ordered if str(it.image_path) in allowed]
+    return ordered
+
+
+def run_benchmark(
+    dataset: str,
+    root: Path,
+    out: Path,
+    *,
+    heatmaps: Path | None = None,
+    localize: Callable[[list[Path], list[str], np.ndarray, Path], tuple[Path, str]] | None = None,
+    split: str | None = None,
+    prompt_template: str = "Findings suggesting {category}.",
+    prompt_source: str = "phrase",
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS,
+    n_boot: int = 1000,
+    limit: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> BenchmarkResult:
+    """Score `dataset`; `localize(paths, prompts, wanted, h5)` makes the maps when no `heatmaps` file is given."""
+    out.mkdir(parents=True, exist_ok=True)
+    items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
+    if problems:
+        pl.DataFrame([p.__dict__ for p in problems]).write_csv(out / "problems.csv")
+    items = fill_sizes(select_items(items, prompt_source, prompt_template, limit))
+    if not items:
+        raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
+    has_negatives = any(not it.positive for it in items)
+    categories = sorted({it.category for it in items})
+
+    paths = list(dict.fromkeys(str(it.image_path) for it in items))
+    prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
+    if has_negatives:
+        for c in categories:
+            for p in (prompt_template.format(category=c), NEGATIVE_TEMPLATE.format(category=c.lower())):
+                if p not in prompts:
+                    prompts.append(p)
+    path_index = {p: i for i, p in enumerate(paths)}
+    prompt_index = {p: j for j, p in enumerate(prompts)}
+    wanted = np.zeros((len(paths), len(prompts)), dtype=bool)
+    for it in items:
+        if it.positive:
+            wanted[path_index[str(it.image_path)], prompt_index[it.prompt]] = True
+    checkpoint_sha = None
+    if heatmaps is None:
+        if localize is None:
+            raise AflocError("give --checkpoint (to localize first) or --heatmaps FILE")
+        heatmaps, checkpoint_sha = localize([Path(p) for p in paths], prompts, wanted, out / "heatmaps.h5")
+
+    rows: list[dict[str, Any]] = []
+    score_rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    with HeatmapFile.open(heatmaps) as hf:
+        checkpoint_sha = checkpoint_sha or str(hf.attrs.get("checkpoint_sha256", ""))
+        hm_cfg = json.loads(str(hf.attrs.get("heatmap_config", "{}")))
+        preprocessing = json.loads(str(hf.attrs.get("preprocessing", "{}")))
+        model_config = json.loads(str(hf.attrs.get("model_config", "{}")))
+        sigma, margin = float(hm_cfg.get("sigma", 1.5)), int(hm_cfg.get("nan_margin", 0))
+        file_rows = {path: i for i, path in enumerate(hf.paths)}
+        file_prompts = {p: j for j, p in enumerate(hf.prompts)}
+        missing_prompts = sorted({it.prompt for it in items if it.positive} - set(file_prompts))
+        if missing_prompts:
+            raise AflocError(f"the heat-map file lacks {len(missing_prompts)} prompts, e.g. {missing_prompts[0]!r}",
+                             path=heatmaps)
+        scores = hf.scores()
+        if has_negatives:
+            needed = {t.format(category=c if t == prompt_template else c.lower())
+                      for c in categories for t in (prompt_template, NEGATIVE_TEMPLATE)}
+            if not needed <= set(file_prompts):
+                has_negatives = False
+                notes.append("zero-shot AUROC skipped: the heat-map file lacks the template prompts "
+                             f"({prompt_template!r} and {NEGATIVE_TEMPLATE!r} per category)")
+        for it in items:
+            if not it.positive and not has_negatives:
+                continue
+            i = file_rows.get(str(it.image_path))
+            if i is None:
+                raise AflocError(f"the heat-map file has no map for {it.image_path}", path=heatmaps)
+            record = hf.record(i)
+            base = {"item_id": it.item_id, "image_id": it.image_id, "category": it.category,
+                    "prompt": it.prompt, "split": it.split or ""}
+            if record.status != "ok":
+                notes.append(f"{it.image_path}: not scored ({record.error})")
+                continue
+            if has_negatives:
+                pos = file_prompts[prompt_template.format(category=it.category)]
+                neg = file_prompts[NEGATIVE_TEMPLATE.format(category=it.category.lower())]
+                logits = torch.tensor([scores[i, pos], scores[i, neg]]) * 10.0
+                score_rows.append({**base, "positive": it.positive,
+                                   "score": float(torch.softmax(logits, 0)[0])})
+            if not it.positive:
+                continue
+            lb = Letterbox(**record.letterbox)
+            heat = frame_maps(torch.from_numpy(hf.raw(i, file_prompts[it.prompt])), lb.size, sigma, margin)
+            truth = lb.original_mask_to_frame(it.truth_mask(lb.height, lb.width))
+            rows.append({**base, **score_item(heat.numpy(), truth, thresholds)})
+    per_item = per_item_table(rows)
+    if dataset == "chexlocalize" and per_item.height:
+        val = per_item.filter(pl.col("split") == "val")
+        test = per_item.filter(pl.col("split") == "test")
+        if val.height and test.height:
+            chosen = tune_thresholds(val)
+            per_item = apply_thresholds(test, chosen)
+            notes.append(f"CheXlocalize: per-task thresholds tuned on val, scored on test: {chosen}")
+        else:
+            notes.append("CheXlocalize: per-task threshold tuning needs both splits (omit --split)")
+    per_category, summary = summarize(per_item, n_boot=n_boot)
+    auroc = auroc_table(pl.DataFrame(score_rows), n_boot=n_boot) if score_rows else None
+
+    protocol = {
+        "protocol": PROTOCOL,
+        "dataset": dataset,
+        "root": str(root),
+        "split": split,
+        "checkpoint_sha256": checkpoint_sha,
+        "heatmaps": str(heatmaps),
+        "heatmap_config": hm_cfg,
+        "preprocessing": preprocessing,
+        "model_config": model_config,
+        "readout": "reference",
+        "prompt_source": prompt_source,
+        "prompt_template": prompt_template,
+        "negative_template": NEGATIVE_TEMPLATE if has_negatives else None,
+        "prompts": prompts,
+        "thresholds": list(thresholds),
+        "scoring_frame": "model frame (letterboxed 224), truth letterboxed with the image",
+        "cnr": "signed",
+        "bootstrap": {"resamples": n_boot, "seed": 0, "unit": "image-phrase pair", "confidence": 0.95},
+        "limit": limit,
+        "n_items_scored": per_item.height,
+        "n_problems": len(problems),
+        "afloc_version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "annotation_sha256": _annotation_hashes(root),
+        "notes": notes,
+    }
+    _write_tables(out, per_item, per_category, summary, auroc, protocol)
+    return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes)
+
+
+def _write_tables(out: Path, per_item: pl.DataFrame, per_category: pl.DataFrame, summary: pl.DataFrame,
+                  auroc: pl.DataFrame | None, protocol: dict[str, Any]) -> None:
+    def atomic(name: str, write: Callable[[str], None]) -> None:
+        tmp = out / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, out / name)
+
+    atomic("per_item.parquet", lambda p: per_item.write_parquet(p, statistics=False))
+    atomic("per_category.csv", per_category.write_csv)
+    atomic("summary.csv", summary.write_csv)
+    if auroc is not None:
+        atomic("auroc.csv", auroc.write_csv)
+    atomic("protocol.json", lambda p: Path(p).write_text(json.dumps(protocol, indent=2, default=str)))

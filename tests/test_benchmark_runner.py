@@ -1,0 +1,106 @@
+"""`afloc benchmark` end to end on the synthetic corpus: oracle maps score high, inverted ones low; tables written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
+from afloc_cli.benchmark.runner import run_benchmark, select_items
+from afloc_cli.checkpoint.io import save_checkpoint
+from afloc_cli.cli import run
+from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.heatmaps.store import HeatmapWriter, ImageRecord
+from afloc_cli.image.data.io import read_image_size
+from afloc_cli.image.data.transforms import Letterbox
+from afloc_cli.synth import SynthConfig, generate_corpus
+from afloc_cli.vlp.model import build_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    generate_corpus(out, SynthConfig(n=40, seed=3))
+    return out
+
+
+def _oracle_file(corpus: Path, h5: Path, invert: bool = False) -> None:
+    """Maps made from the truth itself: the geometry chain (reader -> letterbox -> frame) decides the score."""
+    items, _ = read_dataset("synthetic", corpus, split="test")
+    items = fill_sizes(select_items(items, "phrase", "Findings suggesting {category}.", None))
+    positives = [it for it in items if it.positive]
+    paths = list(dict.fromkeys(str(it.image_path) for it in positives))
+    prompts = list(dict.fromkeys(it.prompt for it in positives))
+    grid = 19
+    maps = np.full((len(paths), len(prompts), grid, grid), np.nan, np.float32)
+    records = []
+    for i, path in enumerate(paths):
+        h, w = read_image_size(path)
+        lb = Letterbox.for_shape(h, w, 224)
+        records.append(ImageRecord(path=path, height=h, width=w, letterbox=lb.to_dict(), reader={}))
+        for it in positives:
+            if str(it.image_path) == path:
+                frame = torch.from_numpy(lb.original_mask_to_frame(it.truth_mask(h, w)).astype(np.float32))
+                pooled = F.adaptive_avg_pool2d(frame[None, None], grid)[0, 0].numpy()
+                maps[i, prompts.index(it.prompt)] = -pooled if invert else pooled
+    writer = HeatmapWriter(h5, paths=paths, prompts=prompts, grid=grid,
+                           attrs={"checkpoint_sha256": "oracle", "heatmap_config": json.dumps({"sigma": 1.5})})
+    writer.write_batch(list(range(len(paths))), maps, np.zeros(maps.shape[:2], np.float32), records)
+    writer.finalize()
+
+
+def test_oracle_and_inverted_maps(corpus, tmp_path):
+    _oracle_file(corpus, tmp_path / "oracle.h5")
+    good = run_benchmark("synthetic", corpus, tmp_path / "good", heatmaps=tmp_path / "oracle.h5", split="test",
+                         n_boot=50)
+    s = {r["metric"]: r["value"] for r in good.summary.to_dicts()}
+    assert s["pointing"] == 1.0
+    assert s["iou"] > 0.4 and s["dice"] > 0.55 and s["cnr"] > 1.0
+    _oracle_file(corpus, tmp_path / "inverted.h5", invert=True)
+    bad = run_benchmark("synthetic", corpus, tmp_path / "bad", heatmaps=tmp_path / "inverted.h5", split="test",
+                        n_boot=50)
+    b = {r["metric"]: r["value"] for r in bad.summary.to_dicts()}
+    assert b["pointing"] == 0.0 and b["cnr"] < 0 and b["iou"] < 0.1
+    for name in ("per_item.parquet", "per_category.csv", "summary.csv", "protocol.json"):
+        assert (tmp_path / "good" / name).is_file()
+    protocol = json.loads((tmp_path / "good" / "protocol.json").read_text())
+    assert protocol["protocol"] == "AFLoc" and protocol["checkpoint_sha256"] == "oracle"
+    assert protocol["thresholds"] == [0.1, 0.2, 0.3, 0.4, 0.5] and protocol["cnr"] == "signed"
+    assert any(name.endswith(".csv") for name in protocol["annotation_sha256"])
+
+
+def test_benchmark_cli_with_checkpoint_and_auroc(corpus, tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = small_config().replace(
+        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+        preprocess=PreprocessConfig(image_size=64),
+    )
+    ckpt = tmp_path / "tiny.safetensors"
+    sha = save_checkpoint(build_model(cfg).eval(), ckpt)
+    args = ["benchmark", "synthetic", "--root", str(corpus), "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"),
+            "--split", "test", "--bootstrap", "20", "--workers", "0", "--format", "json"]
+    assert run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["protocol"]["checkpoint_sha256"] == sha
+    metrics = {r["metric"] for r in result["summary"]}
+    assert {"iou", "dice", "cnr", "pointing"} <= metrics
+    auroc = pl.read_csv(tmp_path / "b" / "auroc.csv")
+    assert "macro" in auroc["category"].to_list()
+    per_item = pl.read_parquet(tmp_path / "b" / "per_item.parquet")
+    assert per_item.height == result["protocol"]["n_items_scored"] > 0
+    # Interrupted or repeated: the heat-map file is reused (resume), the numbers are the same.
+    assert run(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["summary"] == result["summary"]
+
+
+def test_benchmark_usage_errors(corpus, tmp_path):
+    assert run(["benchmark", "nope", "--root", str(corpus), "--heatmaps", "x.h5", "--out", str(tmp_path)]) == 2
+    assert run(["benchmark", "ms-cxr", "--root", str(tmp_path / "missing"), "--heatmaps", "x.h5",
+                "--out", str(tmp_path / "o")]) == 2
