@@ -45,6 +45,7 @@ def _register() -> None:
     """Commands are registered here only once they are finished."""
     from afloc_cli.commands import (
         benchmark,
+        demo,
         export,
         import_reference,
         inspect,
@@ -63,6 +64,7 @@ def _register() -> None:
     app.command("synth")(synth.synth_command)
     app.command("prepare")(pretrain.prepare_command)
     app.command("pretrain")(pretrain.pretrain_command)
+    app.command("demo")(demo.demo_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("import-reference")(import_reference.import_reference_command)
 
