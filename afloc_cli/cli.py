@@ -2,7 +2,8 @@
 
 Commands live in `afloc_cli/commands/`, one module each; this file only wires
 them up and turns errors into one line and an exit code:
-0 success, 2 usage or input error, 3 a batch where some items failed.
+0 success, 2 usage or input error, 3 a batch where some items failed,
+4 a compiled engine that failed its parity check against eager (nothing kept).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def _register() -> None:
     """Commands are registered here only once they are finished."""
     from afloc_cli.commands import (
         benchmark,
+        compile,
         demo,
         export,
         import_reference,
@@ -64,6 +66,7 @@ def _register() -> None:
     app.command("synth")(synth.synth_command)
     app.command("prepare")(pretrain.prepare_command)
     app.command("pretrain")(pretrain.pretrain_command)
+    app.command("compile")(compile.compile_command)
     app.command("demo")(demo.demo_command)
     app.command("inspect")(inspect.inspect_command)
     app.command("import-reference")(import_reference.import_reference_command)

@@ -72,6 +72,7 @@ def localize_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable file."),
     text_model: str | None = typer.Option(None, "--text-model", help="Text model folder for a reference .ckpt."),
+    engine_dir: Path | None = typer.Option(None, "--engine", help="Engine folder from `afloc compile`."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Localize every prompt in every radiograph; exit 0 if all images succeeded, 3 if some failed."""
@@ -96,7 +97,15 @@ def localize_command(
 
     loaded = load_any(checkpoint_path(checkpoint), text_model)
     torch_device = resolve_device(device)
-    engine = LocalizationEngine(loaded.model, prompt_list.prompts, device=torch_device,
+    model = loaded.model
+    if engine_dir is not None:
+        from afloc_cli.compile.engine import load_engine
+
+        compiled = load_engine(engine_dir, loaded.sha256, torch_device, text_encoder=loaded.model.text_encoder)
+        compiled.check_batch_size(batch_size)  # refuse before the run, not midway
+        model = compiled.bind(loaded.model)
+        precision = compiled.precision
+    engine = LocalizationEngine(model, prompt_list.prompts, device=torch_device,  # type: ignore[arg-type]
                                 precision=precision, level=level)  # type: ignore[arg-type]
     prompt_list = check_prompts(prompt_list, loaded.model.text_encoder.tokenizer, loaded.model.cfg.text.max_length)
     for note in [*loaded.notes, *prompt_list.notes]:
