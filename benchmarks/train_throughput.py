@@ -1,0 +1,69 @@
+"""Pretraining images/s at batch 32 for the small and the ResNet-50 configs, measured in one run.
+
+    .venv/bin/python benchmarks/train_throughput.py --steps 4
+
+Each config trains on the same synthetic cache with all three losses; the
+first step (allocations, thread pools) is excluded from the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from afloc_cli.synth import SynthConfig, generate_corpus
+from train.config import load_config
+from train.data import FrameCache, prepare_cache
+from train.loop import Trainer
+
+
+def measure(preset: str, cache: Path, out: Path, batch: int, steps: int, extra: list[str]) -> float:
+    cfg = load_config(None, [f"preset={preset}", f"batch_size={batch}", f"max_steps={steps + 1}", "epochs=100",
+                             "checkpoint_every=0", "val_every=0", "workers=1", "precision=fp32", *extra])
+    trainer = Trainer(cfg, FrameCache(cache), out)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(row: dict) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    trainer.fit(on_step=on_step)
+    timed = times[1:]  # the first step warms up
+    return batch * len(timed) / sum(timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--presets", default="small,resnet50")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        generate_corpus(corpus, SynthConfig(n=max(64, args.batch_size * 3), seed=2), workers=1)
+        cache = Path(tmp) / "cache"
+        prepare_cache(corpus / "manifest.csv", cache, size=224, workers=1)
+        for preset in args.presets.split(","):
+            rate = measure(preset, cache, Path(tmp) / f"run-{preset}", args.batch_size, args.steps, [])
+            rows.append((preset, rate))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    print(f"pretraining, batch {args.batch_size}, 224 input, fp32, losses global+sentence+word, "
+          f"text model fine-tuned, {args.steps} timed steps")
+    print(f"{'config':<12}{'images/s':>10}")
+    for preset, rate in rows:
+        print(f"{preset:<12}{rate:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
