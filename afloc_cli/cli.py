@@ -12,8 +12,8 @@ import os
 import sys
 import traceback
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from afloc_cli import __version__
 from afloc_cli.errors import AflocError
@@ -81,14 +81,15 @@ def run(argv: list[str]) -> int:
         # Without standalone mode click returns a typer.Exit's code instead of raising it.
         if isinstance(result, int):
             return result
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0))
+    except typer.Abort:
         typer.echo("afloc: aborted", err=True)
         return 130
+    except TyperException as exc:  # usage errors: bad option, missing argument, unknown command
+        if hasattr(exc, "show"):
+            exc.show()
+        return int(getattr(exc, "exit_code", 2))
     except AflocError as exc:
         if debug or os.environ.get("AFLOC_DEBUG"):
             traceback.print_exc()

@@ -6,22 +6,26 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from afloc_cli.benchmark.datasets import READERS
-from afloc_cli.benchmark.runner import PAPER, BenchmarkResult, run_benchmark
-from afloc_cli.checkpoint.loader import checkpoint_path, load_any
 from afloc_cli.errors import AflocError
-from afloc_cli.localize.runner import run_localize
-from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from afloc_cli.benchmark.runner import BenchmarkResult
+
+DATASETS = "ms-cxr, rsna, chexlocalize, covid-rural, siim, nih-bbox, vindr, synthetic"
 
 
 def _value(summary: pl.DataFrame, metric: str) -> tuple[float, float, float]:
+    import polars as pl
+
+
     row = summary.filter(pl.col("metric") == metric)
     if not row.height:
         return (float("nan"),) * 3
@@ -29,6 +33,10 @@ def _value(summary: pl.DataFrame, metric: str) -> tuple[float, float, float]:
 
 
 def _print(result: BenchmarkResult, dataset: str, console: Console) -> None:
+    import polars as pl
+
+    from afloc_cli.benchmark.runner import PAPER
+
     table = Table(title=f"{dataset}: AFLoc protocol (IoU/Dice over thresholds, CNR signed), 95% bootstrap CI")
     for col in ("model", "mIoU", "Dice", "CNR (signed)", "pointing game"):
         table.add_column(col)
@@ -47,7 +55,7 @@ def _print(result: BenchmarkResult, dataset: str, console: Console) -> None:
 
 
 def benchmark_command(
-    dataset: str = typer.Argument(..., help=f"One of: {', '.join(READERS)}."),
+    dataset: str = typer.Argument(..., help=f"One of: {DATASETS}."),
     root: Path = typer.Option(..., "--root", help="The dataset's folder exactly as downloaded."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Localize first with this checkpoint."),
     heatmaps: Path | None = typer.Option(None, "--heatmaps", help="Score an existing heat-map file instead."),
@@ -66,6 +74,13 @@ def benchmark_command(
     output_format: str = typer.Option("table", "--format", help="table, json or csv (the summary on stdout)."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
+    import numpy as np
+
+    from afloc_cli.benchmark.runner import run_benchmark
+    from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+    from afloc_cli.localize.runner import run_localize
+    from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
+
     if (checkpoint is None) == (heatmaps is None) and not os.environ.get("AFLOC_CHECKPOINT"):
         raise AflocError("give --checkpoint (localize first) or --heatmaps FILE (score an existing file)")
     if output_format not in ("table", "json", "csv"):

@@ -8,13 +8,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from afloc_cli.checkpoint.loader import CHECKPOINT_ENV, checkpoint_path, load_any
-from afloc_cli.compile.engine import BuildOptions, build_engine, check_out, resolve_build_device
-from afloc_cli.compile.export import parse_batch_sizes
-
 
 def compile_command(
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=f"Checkpoint (default: ${CHECKPOINT_ENV})."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint (default: $AFLOC_CHECKPOINT)."),
     out: Path = typer.Option(..., "--out", help="Engine folder to create."),
     backend: str = typer.Option("aoti", "--backend", help="tensorrt (NVIDIA GPU) or aoti (AOTInductor, CPU or GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
@@ -32,6 +28,10 @@ def compile_command(
     as_json: bool = typer.Option(False, "--json", help="Print the engine's metadata on stdout."),
 ) -> None:
     """Compile the encoders; check them against eager; keep the engine only if they agree (exit 4 if not)."""
+    from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+    from afloc_cli.compile.engine import BuildOptions, build_engine, check_out, resolve_build_device
+    from afloc_cli.compile.export import parse_batch_sizes
+
     profile, sizes = parse_batch_sizes(batch_sizes)
     options = BuildOptions(
         backend=backend, precision=precision, profile=profile, batch_sizes=tuple(sizes), image_size=image_size,

@@ -10,8 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from afloc_cli.demo import DemoPlan, run_demo
-
 
 def demo_command(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Where every demo output goes."),
@@ -20,6 +18,8 @@ def demo_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Synthesize radiographs, pretrain without boxes, localize held-out images, benchmark them."""
+    from afloc_cli.demo import DemoPlan, run_demo
+
     console = Console(stderr=True)
     report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.full(), console, workers=workers)
     if as_json:

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from afloc_cli.errors import AflocError
-from afloc_cli.heatmaps.readout import export_chexlocalize, export_npy, export_png, open_heatmaps
 
 
 def export_command(
@@ -19,6 +18,8 @@ def export_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Write every (image, prompt) map at the image's original size."""
+    from afloc_cli.heatmaps.readout import export_chexlocalize, export_npy, export_png, open_heatmaps
+
     targets = [t for t in (png, npy, chexlocalize) if t is not None]
     if len(targets) != 1:
         raise AflocError("give exactly one of --png DIR, --npy DIR, --chexlocalize DIR")

@@ -8,10 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from afloc_cli.checkpoint.io import save_checkpoint, sha256_file
-from afloc_cli.checkpoint.reference import read_reference_checkpoint, to_model
 from afloc_cli.errors import AflocError
-from afloc_cli.text.model.loading import resolve_text_model
 
 
 def import_reference_command(
@@ -25,6 +22,10 @@ def import_reference_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Convert the reference checkpoint without running its pickled code; report every unused key."""
+    from afloc_cli.checkpoint.io import save_checkpoint, sha256_file
+    from afloc_cli.checkpoint.reference import read_reference_checkpoint, to_model
+    from afloc_cli.text.model.loading import resolve_text_model
+
     if out.exists() and not overwrite:
         raise AflocError("output exists", path=out, hint="use --overwrite")
     ref = read_reference_checkpoint(ckpt)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from afloc_cli.checkpoint.io import is_afloc_checkpoint, read_header, sha256_file
-from afloc_cli.config import ImageConfig
 from afloc_cli.errors import CheckpointError
-from afloc_cli.image.model.encoder import grid_sizes
+
+if TYPE_CHECKING:
+    from afloc_cli.config import ImageConfig
 
 
 def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
@@ -28,6 +28,8 @@ def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
 
 
 def _levels(image: ImageConfig, image_size: int, dim: int) -> dict[str, str]:
+    from afloc_cli.image.model.encoder import grid_sizes
+
     g = grid_sizes(image, image_size)
     return {
         "shallow (layer2 -> words)": f"{g['shallow']}x{g['shallow']} x {dim}",
@@ -38,6 +40,8 @@ def _levels(image: ImageConfig, image_size: int, dim: int) -> dict[str, str]:
 
 def describe(path: Path) -> dict[str, Any]:
     """A JSON-able description of the checkpoint at `path`."""
+    from afloc_cli.checkpoint.io import is_afloc_checkpoint, read_header, sha256_file
+
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path=path)
     if is_afloc_checkpoint(path):

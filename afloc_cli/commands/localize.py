@@ -6,28 +6,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from afloc_cli.checkpoint.loader import checkpoint_path, load_any
 from afloc_cli.errors import AflocError
-from afloc_cli.image.data.io import read_image
-from afloc_cli.image.data.transforms import Letterbox, to_uint8
-from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
-from afloc_cli.localize.runner import run_localize
-from afloc_cli.text.inference_engine import PromptList, check_prompts, parse_prompts, read_prompts_file
-from afloc_cli.vlp.heatmap import original_map
-from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
-from afloc_cli.vlp.overlay import overlay_name, render_overlay, write_png
+
+if TYPE_CHECKING:
+    from afloc_cli.text.inference_engine import PromptList
 
 EXIT_SOME_FAILED = 3
 
 
 def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
+    from afloc_cli.text.inference_engine import parse_prompts, read_prompts_file
+
     if prompts_file is not None and prompt:
         raise AflocError("give --prompts FILE or --prompt TEXT, not both")
     if prompts_file is not None:
@@ -42,6 +37,14 @@ def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
 
 
 def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int):
+    import numpy as np
+    import torch
+
+    from afloc_cli.image.data.io import read_image
+    from afloc_cli.image.data.transforms import Letterbox, to_uint8
+    from afloc_cli.vlp.heatmap import original_map
+    from afloc_cli.vlp.overlay import overlay_name, render_overlay, write_png
+
     def write(items: list[dict], maps: np.ndarray) -> None:
         for item, item_maps in zip(items, maps, strict=True):
             radiograph = read_image(item["path"])
@@ -76,6 +79,12 @@ def localize_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Localize every prompt in every radiograph; exit 0 if all images succeeded, 3 if some failed."""
+    from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+    from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
+    from afloc_cli.localize.runner import run_localize
+    from afloc_cli.text.inference_engine import check_prompts
+    from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
+
     if precision not in ("fp32", "bf16", "fp16"):
         raise AflocError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
     if level not in ("deep", "shallow", "fused"):

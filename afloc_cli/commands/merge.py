@@ -7,8 +7,6 @@ from pathlib import Path
 
 import typer
 
-from afloc_cli.heatmaps.store import merge
-
 
 def merge_command(
     inputs: list[Path] = typer.Argument(..., help="Shard files from `afloc localize --shard K/N`."),
@@ -18,5 +16,7 @@ def merge_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Join shards; refuses files made with different checkpoints, prompts or settings."""
+    from afloc_cli.heatmaps.store import merge
+
     result = merge(list(inputs), out, overwrite=overwrite, allow_gaps=allow_gaps)
     typer.echo(json.dumps({"out": str(result), "inputs": len(inputs)}) if as_json else f"merged into {result}")

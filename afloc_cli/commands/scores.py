@@ -10,7 +10,6 @@ from pathlib import Path
 import typer
 
 from afloc_cli.errors import AflocError
-from afloc_cli.heatmaps.readout import open_heatmaps, score_table
 
 
 def scores_command(
@@ -20,6 +19,8 @@ def scores_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Score, peak location (original pixels) and area above a threshold, per image x prompt."""
+    from afloc_cli.heatmaps.readout import open_heatmaps, score_table
+
     if out.suffix not in (".parquet", ".csv"):
         raise AflocError("--out must end in .parquet or .csv", path=out)
     with open_heatmaps(heatmaps) as hf:
