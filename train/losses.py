@@ -140,9 +140,22 @@ def local_loss(
 ) -> Tensor:
     """L_DS / L_SW: logits = temp3 · R (see local_similarity), CE(img→txt) + CE(txt→img).
 
-    Images and texts must pair up (B_img = B_txt), matching pairs on the diagonal.
+    Images and texts must pair up (B_img = B_txt), matching pairs on the diagonal. On CUDA
+    the fused Triton kernel of `kernels/` computes R (flash-style, forward and backward);
+    elsewhere the chunked, checkpointed torch version above does.
     """
-    scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
+    from kernels.dispatch import resolve_backend
+
+    try:
+        backend = resolve_backend(regions)
+    except (RuntimeError, ValueError):
+        backend = "torch"
+    if backend == "triton":
+        from kernels.dispatch import local_similarity as fused
+
+        scores = fused(regions, units, unit_mask, temp1, temp2, backend="triton")
+    else:
+        scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
     return _symmetric_ce(temp3 * scores)
 
 

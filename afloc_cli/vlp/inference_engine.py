@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
 from afloc_cli.image.model.encoder import grid_sizes
-from afloc_cli.vlp.heatmap import similarity
 from afloc_cli.vlp.model import AflocModel
+from kernels.dispatch import localization_maps
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Level = Literal["deep", "shallow", "fused"]
@@ -75,7 +75,6 @@ class LocalizationEngine:
         self.cfg = model.cfg
         with torch.inference_mode():
             self.prompt_embeddings = model.encode_prompts(prompts).float().to(device)
-        self.prompt_directions = F.normalize(self.prompt_embeddings, dim=1)
         sizes = grid_sizes(self.cfg.image, self.cfg.preprocess.image_size)
         self.grid = sizes["deep"] if level == "deep" else sizes["shallow"]
 
@@ -94,14 +93,14 @@ class LocalizationEngine:
         with autocast(self.device, self.precision):
             feats = self.model.encode_images(x.contiguous(), levels)
         mode = self.cfg.heatmap.similarity
-        if self.level == "deep":
-            maps = similarity(feats.deep.float(), self.prompt_embeddings, mode)
-        elif self.level == "shallow":
-            maps = similarity(feats.shallow.float(), self.prompt_embeddings, mode)
+        global_ = feats.global_.float()
+        if self.level in ("deep", "shallow"):
+            grid = feats.deep if self.level == "deep" else feats.shallow
+            maps, stats = localization_maps(grid.float(), self.prompt_embeddings, mode, global_=global_)
         else:
-            shallow = similarity(feats.shallow.float(), self.prompt_embeddings, mode)
-            deep = similarity(feats.deep.float(), self.prompt_embeddings, mode)
+            shallow, stats = localization_maps(feats.shallow.float(), self.prompt_embeddings, mode, global_=global_)
+            deep, _ = localization_maps(feats.deep.float(), self.prompt_embeddings, mode)
             deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
             maps = (_minmax(shallow) + _minmax(deep)) / 2
-        scores = F.normalize(feats.global_.float(), dim=1) @ self.prompt_directions.T
+        scores = stats.scores
         return EngineOutput(maps=maps.float().cpu(), scores=scores.float().cpu())
