@@ -3,6 +3,9 @@
 #   1. tests/test_kernels.py with the compiled Triton kernels on CUDA (no interpreter),
 #   2. benchmarks/kernels_bench.py --quick on CUDA (ceiling, encoder, localize,
 #      fused localization, local alignment),
+#   3. benchmarks/compile_bench.py on CUDA: eager vs AOTInductor, and TensorRT fp16
+#      wherever torch_tensorrt imports (the one real exercise of `afloc compile
+#      --backend tensorrt`; target: TensorRT fp16 >= 3x eager fp32),
 # and one table at the end (the benchmark's, with the test result as its first row).
 #
 #   bash benchmarks/gpu_check.sh            # PYTHON=/path/to/python to pick the interpreter
@@ -58,5 +61,13 @@ if [[ $brc -ne 0 ]]; then
   echo "benchmark exit code $brc$([[ $brc -eq 124 ]] && echo ' (timed out)')"
   echo "tests: $summary"
 fi
+COMPILE_LIMIT=${COMPILE_LIMIT:-150}
+echo "== compile (eager vs AOTInductor / TensorRT on CUDA, limit ${COMPILE_LIMIT}s)"
+if ! "$PY" -c "import torch_tensorrt" 2>/dev/null; then
+  echo "torch_tensorrt does not import here: TensorRT not exercised (AOTInductor still measured)"
+fi
+timeout "$COMPILE_LIMIT" "$PY" benchmarks/compile_bench.py --models small,resnet50 --batch-sizes 1,8,64 --device cuda
+crc=$?
+[[ $crc -ne 0 ]] && echo "compile benchmark exit code $crc$([[ $crc -eq 124 ]] && echo ' (timed out)')"
 echo "== done in $(( $(date +%s) - start ))s"
-exit $(( rc != 0 || brc != 0 ))
+exit $(( rc != 0 || brc != 0 || crc != 0 ))

@@ -97,6 +97,15 @@ def select_items(items: list[Item], prompt_source: str, template: str, limit: in
     return ordered
 
 
+def _blank_padding(heat: torch.Tensor, lb: Letterbox) -> torch.Tensor:
+    """NaN over the letterbox padding: no truth can lie there, so it counts in neither the min-max nor a metric."""
+    out = torch.full_like(heat, float("nan"))
+    rows = slice(lb.pad_top, lb.pad_top + lb.resized_height)
+    cols = slice(lb.pad_left, lb.pad_left + lb.resized_width)
+    out[..., rows, cols] = heat[..., rows, cols]
+    return out
+
+
 def run_benchmark(
     dataset: str,
     root: Path,
@@ -187,6 +196,7 @@ def run_benchmark(
                 continue
             lb = Letterbox(**record.letterbox)
             heat = frame_maps(torch.from_numpy(hf.raw(i, file_prompts[it.prompt])), lb.size, sigma, margin)
+            heat = _blank_padding(heat, lb)
             truth = lb.original_mask_to_frame(it.truth_mask(lb.height, lb.width))
             rows.append({**base, **score_item(heat.numpy(), truth, thresholds)})
     per_item = per_item_table(rows)
@@ -218,7 +228,8 @@ def run_benchmark(
         "negative_template": NEGATIVE_TEMPLATE if has_negatives else None,
         "prompts": prompts,
         "thresholds": list(thresholds),
-        "scoring_frame": "model frame (letterboxed 224), truth letterboxed with the image",
+        "scoring_frame": "model frame (letterboxed 224), truth letterboxed with the image; the letterbox padding "
+                         "is NaN (outside the image: in neither the min-max nor any metric)",
         "cnr": "signed",
         "bootstrap": {"resamples": n_boot, "seed": 0, "unit": "image-phrase pair", "confidence": 0.95},
         "limit": limit,
