@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many interleaved runs")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,13 +65,18 @@ def main() -> None:
         paths = sorted(p for p in corpus.rglob("*") if p.suffix in (".png", ".dcm"))[: args.images]
         one = LocalizationEngine(model, PROMPTS[:1], device=torch.device("cpu"))
         many = LocalizationEngine(model, PROMPTS, device=torch.device("cpu"))
-        enc = encoder_only(one, len(paths), args.batch_size)
-        e2e_1 = end_to_end(one, paths, PROMPTS[:1], args.batch_size, args.workers, Path(tmp) / "one.h5")
-        e2e_100 = end_to_end(many, paths, PROMPTS, args.batch_size, args.workers, Path(tmp) / "many.h5")
+        # Best of `repeats`, interleaved, so a burst of load on a shared machine hits no single row.
+        enc = e2e_1 = e2e_100 = 0.0
+        for _ in range(args.repeats):
+            enc = max(enc, encoder_only(one, len(paths), args.batch_size))
+            e2e_1 = max(e2e_1, end_to_end(one, paths, PROMPTS[:1], args.batch_size, args.workers,
+                                          Path(tmp) / "one.h5"))
+            e2e_100 = max(e2e_100, end_to_end(many, paths, PROMPTS, args.batch_size, args.workers,
+                                              Path(tmp) / "many.h5"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {args.threads}")
     print(f"config {args.config}, {len(paths)} images (synthetic PNG 8/16 + DICOM), batch {args.batch_size}, "
-          f"fp32, {args.workers} decode workers")
+          f"fp32, {args.workers} decode workers, best of {args.repeats} interleaved runs")
     print(f"{'measure':<40}{'images/s':>10}")
     print(f"{'encoder-only forward (pre-decoded)':<40}{enc:>10.2f}")
     print(f"{'end-to-end, 1 prompt':<40}{e2e_1:>10.2f}")
