@@ -101,8 +101,11 @@ def localize_command(
     paths = [all_paths[i] for i in indices]
     if out.exists() and not (resume or overwrite):
         raise AflocError("output exists", path=out, hint="use --overwrite to replace it or --resume to complete it")
-    if not os.access(out.parent if out.parent != Path("") else Path("."), os.W_OK):
-        raise AflocError("output folder is not writable", path=out.parent)
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise AflocError("output folder does not exist", path=folder)
+    if not os.access(folder, os.W_OK):
+        raise AflocError("output folder is not writable", path=folder)
 
     loaded = load_any(checkpoint_path(checkpoint), text_model)
     torch_device = resolve_device(device)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from afloc_cli import __version__
 from afloc_cli.errors import AflocError
-from afloc_cli.heatmaps.store import AsyncHeatmapWriter, HeatmapWriter, ImageRecord
+from afloc_cli.heatmaps.store import AsyncHeatmapWriter, HeatmapFile, HeatmapWriter, ImageRecord
 from afloc_cli.image.inference_engine import prepare_image
 from afloc_cli.vlp.inference_engine import LocalizationEngine
 
@@ -175,6 +175,12 @@ def run_localize(
         sink.finalize()
     seconds = time.perf_counter() - start
     processed = n_done + n_failed
+    # Failures journaled by an earlier, interrupted attempt count too: the file is the truth.
+    with HeatmapFile.open(out) as done_file:
+        recorded = done_file.failures()
+    seen = {f["path"] for f in failures}
+    failures += [{"path": r.path, "error": r.error} for r in recorded if r.path not in seen]
+    n_failed = len(failures)
     return RunSummary(
         out=str(out),
         images=len(paths),
