@@ -181,3 +181,31 @@ def test_pretrain_cli(cache, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2
     assert run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--set", "preset=small"]) == 2
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(cache, tmp_path):
+    trainer = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "int")
+
+    def interrupt(row: dict) -> None:
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(on_step=interrupt)
+    pointer = json.loads((tmp_path / "int" / "checkpoints" / "last.json").read_text())
+    assert pointer["step"] == 3
+    again = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "int")
+    assert again.resume() and again.state.step == 3
+
+
+def test_keeps_the_best_k_by_validation_loss(cache, tmp_path):
+    trainer = Trainer(_cfg("epochs=1", "val_every=1", "checkpoint_every=1", "keep_best=2", "val_batches=1"),
+                      FrameCache(cache), tmp_path / "best")
+    trainer.fit()
+    kept = sorted(p.name for p in (tmp_path / "best" / "checkpoints").glob("step-*"))
+    best = {f"step-{step:07d}" for _, step in trainer.state.best}
+    last = json.loads((tmp_path / "best" / "checkpoints" / "last.json").read_text())["checkpoint"]
+    assert len(trainer.state.best) == 2
+    assert set(kept) == best | {last}
+    losses = [v for v, _ in trainer.state.best]
+    assert losses == sorted(losses)
