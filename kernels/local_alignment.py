@@ -24,11 +24,13 @@ are kept between forward and backward. Its gradient, per pair, given g_ec, g_cc:
   κ_m  = Σ_t a_tm da_tm;  ds_tm = a_tm (da_tm − κ_m)  (through the word softmax)
   dE_t = g_ec_t c_t + Σ_m ds_tm v_m;   dV_m = Σ_t (α_tm u_t + ds_tm e_t)
 
-Three implementations share this split:
+The reference and the Triton path share this split (the torch path keeps the
+epilogue and lets autograd, under checkpointing, do the rest):
 - `reference_local_similarity`: plain autograd torch, everything materialised (tests, baselines);
-- `torch_local_similarity`: the CPU path: plain autograd when the problem fits one
-  chunk (fastest), else the fused part chunked over images with the backward above
-  (memory bounded by the chunk, at the cost of recomputing the forward);
+- `torch_local_similarity`: the CPU path (and the training loss's off CUDA): the
+  texts in chunks, each under torch.utils.checkpoint, so only the chunk's inputs
+  and its scores outlive the forward (memory bounded by the chunk, at the cost of
+  recomputing its forward);
 - `triton_local_similarity`: the fused part in Triton (CUDA, or the CPU interpreter).
   Forward: one kernel for the word-softmax log-normaliser per (pair, region), one
   that streams region tiles per (pair, unit block) with an online region softmax
@@ -46,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 try:  # Triton is optional: only the CUDA path (and the interpreter tests) need it.
     import triton
@@ -55,9 +58,9 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 COS_EPS = 1e-8  # clamp on the product of the norms, as train/losses.py
-# Elements of one per-chunk (images × texts × T × max(M, d)) work tensor in the torch path
-# (256 MiB in fp32; autograd on one chunk holds about five).
-CHUNK_ELEMENTS = 1 << 26
+# Torch path: elements of one B_img × chunk × T × M attention tensor per text chunk (512 MiB in fp32).
+# Word level at B = 128 (T = 97, M = 38 × 38) gives 7 texts per chunk; sentence level usually one chunk.
+DEFAULT_CHUNK_ELEMENTS = 1 << 27
 # Elements of the recomputed context (images × texts × T × d, fp32) per Triton backward chunk: 1 GiB.
 TRITON_CHUNK_ELEMENTS = 1 << 28
 MAX_TEMP1 = 60.0  # exp(temp1 · (a − 1)) stays above fp32's smallest normal for any a in [0, 1]
@@ -113,66 +116,26 @@ def reference_local_similarity(
 # Torch fused path: chunked over images, hand-written backward (CPU fast path).
 
 
-def _image_chunk(n_txt: int, n_units: int, n_regions: int, dim: int, budget: int = CHUNK_ELEMENTS) -> int:
-    per_image = max(1, n_txt * n_units * max(n_regions, dim))
-    return max(1, budget // per_image)
+def default_chunk_size(n_img: int, n_txt: int, n_units: int, n_regions: int,
+                       budget: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Texts per chunk so that one n_img × chunk × T × M tensor stays within `budget` elements."""
+    per_text = max(1, n_img * n_units * n_regions)
+    return max(1, min(n_txt, budget // per_text))
 
 
-def _torch_chunk_forward(v: Tensor, e: Tensor, mask: Tensor, temp1: float) -> tuple[Tensor, ...]:
-    """One image chunk: v (I, d, M), e (J, T, d) -> a, α (I, J, T, M) and c (I, J, T, d)."""
-    n_img, dim, n_reg = v.shape
-    n_txt, n_units, _ = e.shape
-    s = torch.matmul(e.reshape(1, n_txt * n_units, dim), v).view(n_img, n_txt, n_units, n_reg)
-    s.masked_fill_(~mask[None, :, :, None], float("-inf"))
-    a = torch.softmax(s, dim=2)
-    del s
-    alpha = torch.softmax(a * temp1, dim=3)
-    c = torch.matmul(alpha.view(n_img, n_txt * n_units, n_reg), v.transpose(1, 2)).view(n_img, n_txt, n_units, dim)
-    return a, alpha, c
-
-
-class _TorchTerms(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, v: Tensor, e: Tensor, mask: Tensor, temp1: float, chunk: int) -> tuple[Tensor, Tensor]:
-        n_img = v.shape[0]
-        ec = v.new_empty(n_img, e.shape[0], e.shape[1])
-        cc = torch.empty_like(ec)
-        for i0 in range(0, n_img, chunk):
-            _, _, c = _torch_chunk_forward(v[i0 : i0 + chunk], e, mask, temp1)
-            ec[i0 : i0 + chunk] = (c * e.unsqueeze(0)).sum(-1)
-            cc[i0 : i0 + chunk] = (c * c).sum(-1)
-        ctx.save_for_backward(v, e, mask, ec, cc)
-        ctx.temp1 = temp1
-        ctx.chunk = chunk
-        return ec, cc
-
-    @staticmethod
-    def backward(ctx: Any, g_ec: Tensor, g_cc: Tensor) -> tuple[Tensor | None, ...]:
-        v, e, mask, ec, cc = ctx.saved_tensors
-        temp1, chunk = ctx.temp1, ctx.chunk
-        maskf = mask.to(v.dtype)
-        g_ec = g_ec * maskf
-        g_cc = g_cc * maskf
-        rho = g_ec * ec + 2 * g_cc * cc  # (I, J, T)
-        dv = torch.empty_like(v)
-        de = torch.zeros_like(e)
-        n_txt, n_units, dim = e.shape
-        for i0 in range(0, v.shape[0], chunk):
-            vc = v[i0 : i0 + chunk]
-            n_img, _, n_reg = vc.shape
-            sl = slice(i0, i0 + chunk)
-            a, alpha, c = _torch_chunk_forward(vc, e, mask, temp1)
-            u = g_ec[sl, ..., None] * e.unsqueeze(0) + 2 * g_cc[sl, ..., None] * c  # (I, J, T, d)
-            d_alpha = torch.matmul(u.view(n_img, n_txt * n_units, dim), vc).view(n_img, n_txt, n_units, n_reg)
-            da = d_alpha.sub_(rho[sl, ..., None]).mul_(alpha).mul_(temp1)
-            kappa = (a * da).sum(dim=2, keepdim=True)
-            ds = da.sub_(kappa).mul_(a)  # (I, J, T, M)
-            ds_flat = ds.view(n_img, n_txt * n_units, n_reg)
-            dv[sl] = torch.matmul(e.reshape(1, n_txt * n_units, dim).transpose(1, 2), ds_flat)
-            dv[sl] += torch.matmul(u.view(n_img, n_txt * n_units, dim).transpose(1, 2), alpha.view_as(ds_flat))
-            de += torch.matmul(ds_flat, vc.transpose(1, 2)).view(n_img, n_txt, n_units, dim).sum(0)
-            de += (g_ec[sl, ..., None] * c).sum(0)
-        return dv, de, None, None, None
+def _chunk_scores(v: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float) -> Tensor:
+    """R for all images against one chunk of texts: v (I, d, M), e (c, T, d), mask (c, T) -> (I, c)."""
+    n_img, _, n_reg = v.shape
+    c, t, d = e.shape
+    keep = mask.view(1, c, t, 1)
+    s = torch.matmul(e.reshape(1, c * t, d), v).view(n_img, c, t, n_reg)  # s[i, j, t, m] = e_jtᵀ v_im
+    s = s.masked_fill(~keep, float("-inf"))
+    a = torch.softmax(s, dim=2)  # first over the units (words) of text j: padding gets weight 0
+    alpha = torch.softmax(temp1 * a, dim=3)  # then over the regions, after scaling by temp1
+    ctx = torch.matmul(alpha.view(n_img, c * t, n_reg), v.transpose(1, 2)).view(n_img, c, t, d)
+    ec = (ctx * e.unsqueeze(0)).sum(-1)
+    cc = (ctx * ctx).sum(-1)
+    return scores_from_terms(ec, cc, e, mask, temp2)
 
 
 def torch_local_similarity(
@@ -183,28 +146,28 @@ def torch_local_similarity(
     temp2: float = 5.0,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """R (B_img, B_txt), chunk_size images at a time (None: from CHUNK_ELEMENTS).
+    """R (B_img, B_txt) on any device, `chunk_size` texts at a time (None: from DEFAULT_CHUNK_ELEMENTS).
 
-    When everything fits in one chunk this is plain autograd (fastest); otherwise the
-    chunked function with the hand-written backward, whose memory does not grow with
-    B_img beyond the (B_img, B_txt, T) terms.
+    Under autograd each chunk runs inside `torch.utils.checkpoint`: only its inputs and
+    its (B_img, chunk) scores are kept, and its attention is rebuilt in the backward
+    pass, so peak memory is a few B_img × chunk × T × M tensors: linear in B for a
+    fixed chunk (benchmarks/local_loss_memory.py: 0.09 of naive at B = 128).
     """
     v, e, mask = _prepare(regions, units, unit_mask)
-    dtype = torch.promote_types(v.dtype, e.dtype)
-    v = v.to(dtype)
-    e = e.to(dtype)
-    chunk = chunk_size or _image_chunk(e.shape[0], e.shape[1], v.shape[2], v.shape[1])
-    if chunk >= v.shape[0]:
-        # One chunk holds everything: plain autograd keeps its intermediates and skips the
-        # recomputation, the faster choice whenever the memory is there.
-        _, _, c = _torch_chunk_forward(v, e, mask, float(temp1))
-        ec = (c * e.unsqueeze(0)).sum(-1)
-        cc = (c * c).sum(-1)
-    else:
-        ec, cc = _TorchTerms.apply(v, e, mask, float(temp1), chunk)
-    if ec.dtype not in (torch.float32, torch.float64):
-        ec, cc = ec.float(), cc.float()
-    return scores_from_terms(ec, cc, e, mask, temp2)
+    dtype = torch.promote_types(torch.promote_types(v.dtype, e.dtype), torch.float32)  # softmaxes in >= fp32
+    v, e = v.to(dtype), e.to(dtype)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = chunk_size or default_chunk_size(v.shape[0], e.shape[0], e.shape[1], v.shape[2])
+    recompute = torch.is_grad_enabled() and (v.requires_grad or e.requires_grad)
+    columns = []
+    for j0 in range(0, e.shape[0], chunk):
+        args = (v, e[j0 : j0 + chunk], mask[j0 : j0 + chunk], float(temp1), float(temp2))
+        if recompute:
+            columns.append(checkpoint(_chunk_scores, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            columns.append(_chunk_scores(*args))
+    return torch.cat(columns, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,6 +545,7 @@ __all__ = [
     "COS_EPS",
     "reference_local_similarity",
     "scores_from_terms",
+    "default_chunk_size",
     "torch_local_similarity",
     "triton_available",
     "triton_local_similarity",

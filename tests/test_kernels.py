@@ -201,7 +201,7 @@ def test_torch_path_handles_spatial_regions_chunks_and_bf16():
     torch.testing.assert_close(la.torch_local_similarity(regions, units, mask), ref, rtol=1e-5, atol=1e-5)
     weights = torch.randn(3, 2, generator=gen, dtype=torch.float64)
     expected = _value_and_grads(la.reference_local_similarity, regions.double(), units.double(), mask, weights)
-    for chunk in (1, 2):  # the chunked function with the hand-written backward
+    for chunk in (1, 2):  # text chunks under checkpointing
         got = _value_and_grads(la.torch_local_similarity, regions.double(), units.double(), mask, weights,
                                chunk_size=chunk)  # fmt: skip
         for a, b in zip(got, expected, strict=True):
