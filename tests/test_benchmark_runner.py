@@ -104,3 +104,39 @@ def test_benchmark_usage_errors(corpus, tmp_path):
     assert run(["benchmark", "nope", "--root", str(corpus), "--heatmaps", "x.h5", "--out", str(tmp_path)]) == 2
     assert run(["benchmark", "ms-cxr", "--root", str(tmp_path / "missing"), "--heatmaps", "x.h5",
                 "--out", str(tmp_path / "o")]) == 2
+
+
+def test_chexlocalize_human_benchmark_row(tmp_path):
+    """hb_segmentations_test.json is scored with the same code: a human mask equal to the truth gives IoU 1."""
+    from PIL import Image
+
+    from afloc_cli.benchmark.datasets.rle import encode_coco
+
+    h, w = 40, 30
+    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.full((h, w), 90, np.uint8)).save(image)
+    truth = np.zeros((h, w), bool)
+    truth[5:25, 3:20] = True
+    rle = {"size": [h, w], "counts": encode_coco(truth)}
+    (tmp_path / "CheXlocalize").mkdir()
+    for name in ("gt_segmentations_test.json", "hb_segmentations_test.json"):
+        (tmp_path / "CheXlocalize" / name).write_text(json.dumps({"patient1_study1_view1_frontal":
+                                                                  {"Cardiomegaly": rle}}))
+    lb = Letterbox.for_shape(h, w, 224)
+    frame = torch.from_numpy(lb.original_mask_to_frame(truth).astype(np.float32))
+    grid = F.adaptive_avg_pool2d(frame[None, None], 19)[0, 0].numpy()
+    prompt = "Findings suggesting cardiomegaly."
+    writer = HeatmapWriter(tmp_path / "maps.h5", paths=[str(image)], prompts=[prompt], grid=19,
+                           attrs={"checkpoint_sha256": "oracle"})
+    writer.write_batch([0], grid[None, None], np.zeros((1, 1), np.float32),
+                       [ImageRecord(path=str(image), height=h, width=w, letterbox=lb.to_dict(), reader={})])
+    writer.finalize()
+    result = run_benchmark("chexlocalize", tmp_path, tmp_path / "out", heatmaps=tmp_path / "maps.h5", split="test",
+                           n_boot=10)
+    assert result.human is not None
+    human = {r["metric"]: r["value"] for r in result.human.to_dicts()}
+    assert human["iou"] == pytest.approx(1.0) and human["pointing"] == 1.0
+    assert (tmp_path / "out" / "human_summary.csv").is_file()
+    model = {r["metric"]: r["value"] for r in result.summary.to_dicts()}
+    assert model["pointing"] == 1.0 and model["iou"] < human["iou"]

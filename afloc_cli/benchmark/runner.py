@@ -58,6 +58,7 @@ class BenchmarkResult:
     protocol: dict[str, Any]
     problems: int
     notes: list[str] = field(default_factory=list)
+    human: pl.DataFrame | None = None  # CheXlocalize's radiologist benchmark, scored the same way
 
 
 def _hash_file(path: Path) -> str:
@@ -210,6 +211,10 @@ def run_benchmark(
         else:
             notes.append("CheXlocalize: per-task threshold tuning needs both splits (omit --split)")
     per_category, summary = summarize(per_item, n_boot=n_boot)
+    human = _human_benchmark(dataset, root, items, thresholds, n_boot) if dataset == "chexlocalize" else None
+    if human is not None:
+        notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "
+                     "human_summary.csv")
     auroc = auroc_table(pl.DataFrame(score_rows), n_boot=n_boot) if score_rows else None
 
     protocol = {
@@ -242,7 +247,35 @@ def run_benchmark(
         "notes": notes,
     }
     _write_tables(out, per_item, per_category, summary, auroc, protocol)
-    return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes)
+    if human is not None:
+        human.write_csv(out / "human_summary.csv")
+    return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes, human)
+
+
+def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tuple[float, ...],
+                     n_boot: int) -> pl.DataFrame | None:
+    """Radiologists' own segmentations scored as if they were maps, as the human row beside the model."""
+    from afloc_cli.benchmark.datasets.chexlocalize import read_human_benchmark
+    from afloc_cli.benchmark.datasets.rle import decode_coco
+
+    segmentations = read_human_benchmark(root)
+    if not segmentations:
+        return None
+    rows = []
+    for it in items:
+        key = (it.image_id, it.category)
+        if not it.positive or it.split != "test" or key not in segmentations:
+            continue
+        counts, h, w = segmentations[key]
+        lb = Letterbox.for_shape(h, w, 224)
+        human = lb.apply(decode_coco(counts, h, w).astype(np.float32))
+        truth = lb.original_mask_to_frame(it.truth_mask(h, w))
+        heat = _blank_padding(torch.from_numpy(human), lb).numpy()
+        rows.append({"item_id": it.item_id, "category": it.category, **score_item(heat, truth, thresholds)})
+    if not rows:
+        return None
+    _, summary = summarize(per_item_table(rows), n_boot=n_boot)
+    return summary.with_columns(pl.lit("human benchmark (radiologists)").alias("source"))
 
 
 def _write_tables(out: Path, per_item: pl.DataFrame, per_category: pl.DataFrame, summary: pl.DataFrame,

@@ -45,6 +45,12 @@ def _print(result: BenchmarkResult, dataset: str, console: Console) -> None:
         v, lo, hi = _value(result.summary, metric)
         cells.append(f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
     table.add_row("this run", *cells)
+    if result.human is not None:
+        human = []
+        for metric in ("iou", "dice", "cnr", "pointing"):
+            v, lo, hi = _value(result.human, metric)
+            human.append(f"{v:.3f} [{lo:.3f}, {hi:.3f}]")
+        table.add_row("human benchmark", *human)
     for name, (iou, dice, cnr) in PAPER.get(dataset, {}).items():
         table.add_row(f"paper: {name}", f"{iou:.3f}", f"{dice:.3f}", f"{cnr:.2f}", "")
     console.print(table)

@@ -148,3 +148,32 @@ class ChexlocalizeReader:
                     )
                 )
         return items, problems
+
+
+def read_human_benchmark(root: Path) -> dict[tuple[str, str], tuple[list[int], int, int]]:
+    """The radiologist benchmark `hb_segmentations_test.json` (same format as the truth), if shipped.
+
+    Keyed by (image id, canonical category), as the truth items are, so a human
+    segmentation is scored with the very code that scores the model's maps.
+    """
+    seg_dir, _ = _layout(Path(root))
+    path = seg_dir / "hb_segmentations_test.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AflocError(f"not valid JSON ({e})", path=path) from None
+    out: dict[tuple[str, str], tuple[list[int], int, int]] = {}
+    for image_id, tasks in data.items():
+        if not isinstance(tasks, dict):
+            continue
+        for task, rle in tasks.items():
+            try:
+                h, w = (int(v) for v in rle["size"])
+                counts = coco_counts(rle["counts"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if sum(counts) == h * w:
+                out[(str(image_id).strip(), CANONICAL.get(str(task).strip(), str(task).strip()))] = (counts, h, w)
+    return out
