@@ -31,3 +31,13 @@ def test_version_and_unknown_command(capsys):
     assert run(["--version"]) == 0
     assert "afloc" in capsys.readouterr().out
     assert run(["no-such-command"]) == 2
+
+
+def test_cli_reference_is_in_sync():
+    """docs/cli.md is generated from the app: regenerate it with `python -m afloc_cli.cli_reference`."""
+    from pathlib import Path
+
+    from afloc_cli.cli_reference import render
+
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert committed == render(), "docs/cli.md is stale: run `python -m afloc_cli.cli_reference > docs/cli.md`"

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from afloc_cli.commands import WORKERS_HELP, decode_workers
 from afloc_cli.errors import AflocError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def localize_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Decode processes."),
+    workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     level: str = typer.Option("deep", "--level", help="deep (reference), shallow or fused."),
     overlays: Path | None = typer.Option(None, "--overlays", help="Also write overlay PNGs here."),
     shard: str | None = typer.Option(None, "--shard", help="K/N (0-based) or auto (torchrun / Slurm array)."),
@@ -149,7 +150,7 @@ def localize_command(
             out=out,
             checkpoint_sha256=loaded.sha256,
             batch_size=batch_size,
-            workers=workers,
+            workers=decode_workers(workers),
             resume=resume,
             overwrite=overwrite,
             strict=strict,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from afloc_cli.commands import WORKERS_HELP, decode_workers
 from afloc_cli.errors import AflocError
 
 
@@ -18,7 +18,7 @@ def prepare_command(
     corpus: Path = typer.Argument(..., help="Manifest CSV/Parquet, folder with manifest.csv, or MIMIC-CXR-JPG root."),
     out: Path = typer.Option(..., "--out", help="Cache folder (resumable: run again to complete it)."),
     size: int = typer.Option(224, "--size", help="Letterbox size (the model's input)."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
+    workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Decode every image of a corpus once into a memory-mapped uint8 cache for training."""
@@ -32,7 +32,7 @@ def prepare_command(
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        summary = prepare_cache(corpus, out, size=size, workers=workers, on_progress=on_progress)
+        summary = prepare_cache(corpus, out, size=size, workers=decode_workers(workers), on_progress=on_progress)
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
     else:
