@@ -245,3 +245,16 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_checkpoint, im
     assert run(["localize", *args, "--out", str(out), "--resume"]) == 0
     assert equal_contents(ref, out)
     assert not journal.exists()
+
+
+def test_bf16_on_cpu_matches_fp32(tmp_path, tiny_checkpoint, image_folder):
+    """--precision bf16 runs the folded bf16 encoder (or falls back to fp32 with a note): maps agree."""
+    args = [str(image_folder / "img05.png"), str(image_folder / "img06.png"), "--prompt", "left effusion",
+            "--device", "cpu"]
+    assert _localize([*args, "--out", str(tmp_path / "fp32.h5")], tiny_checkpoint) == 0
+    assert _localize([*args, "--precision", "bf16", "--out", str(tmp_path / "bf16.h5")], tiny_checkpoint) == 0
+    with HeatmapFile.open(tmp_path / "fp32.h5") as a, HeatmapFile.open(tmp_path / "bf16.h5") as b:
+        x, y = a.maps(0).ravel(), b.maps(0).ravel()
+        cosine = float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
+        assert cosine > 0.99
+        assert b.attrs["precision"] == "bf16"

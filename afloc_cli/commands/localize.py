@@ -121,7 +121,7 @@ def localize_command(
     engine = LocalizationEngine(model, prompt_list.prompts, device=torch_device,  # type: ignore[arg-type]
                                 precision=precision, level=level)  # type: ignore[arg-type]
     prompt_list = check_prompts(prompt_list, loaded.model.text_encoder.tokenizer, loaded.model.cfg.text.max_length)
-    for note in [*loaded.notes, *prompt_list.notes]:
+    for note in [*loaded.notes, *prompt_list.notes, *engine.notes]:
         console.print(f"[yellow]note:[/] {note}")
 
     on_batch = None

@@ -75,6 +75,18 @@ class LocalizationEngine:
         self.cfg = model.cfg
         with torch.inference_mode():
             self.prompt_embeddings = model.encode_prompts(prompts).float().to(device)
+        # On the CPU the image encoder runs as an inference copy with batch norms folded into the
+        # convolutions and channels-last memory (x1.2 in fp32), in native bf16 when asked and the
+        # CPU has it (x2.6; benchmarks/RESULTS.md). A compiled engine keeps its own path.
+        self.encode_images = self.model.encode_images
+        self.notes: list[str] = []
+        if device.type == "cpu" and isinstance(model, AflocModel):
+            from kernels.cpu import prepare_encoder
+
+            fast = prepare_encoder(model.image_encoder, precision="bf16" if precision == "bf16" else "fp32")
+            self.encode_images = fast
+            if precision == "bf16" and fast.dtype != torch.bfloat16:
+                self.notes.append(f"--precision bf16: {fast.reason}")
         sizes = grid_sizes(self.cfg.image, self.cfg.preprocess.image_size)
         self.grid = sizes["deep"] if level == "deep" else sizes["shallow"]
 
@@ -90,8 +102,9 @@ class LocalizationEngine:
         levels = {"deep": ("deep", "global"), "shallow": ("shallow", "global")}.get(
             self.level, ("shallow", "deep", "global")
         )
-        with autocast(self.device, self.precision):
-            feats = self.model.encode_images(x.contiguous(), levels)
+        fast_cpu = self.encode_images is not self.model.encode_images
+        with contextlib.nullcontext() if fast_cpu else autocast(self.device, self.precision):
+            feats = self.encode_images(x.contiguous(), levels)
         mode = self.cfg.heatmap.similarity
         global_ = feats.global_.float()
         if self.level in ("deep", "shallow"):
