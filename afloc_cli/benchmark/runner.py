@@ -37,7 +37,7 @@ from afloc_cli.benchmark.metrics import (
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.vlp.heatmap import frame_maps
+from afloc_cli.vlp.heatmap import contrast_maps, frame_maps
 
 # IoU / Dice / CNR read off the paper's figure (SPEC.md, "What the paper reports").
 PAPER = {
@@ -47,6 +47,7 @@ PAPER = {
     "covid-rural": {"AFLoc": (0.211, 0.323, 1.07), "BioViL": (0.192, 0.298, 0.98)},
 }
 NEGATIVE_TEMPLATE = "No {category}."
+READOUTS = ("reference", "contrast")
 
 
 @dataclass
@@ -121,8 +122,15 @@ def run_benchmark(
     n_boot: int = 1000,
     limit: int | None = None,
     options: dict[str, Any] | None = None,
+    readout: str = "reference",
 ) -> BenchmarkResult:
-    """Score `dataset`; `localize(paths, prompts, wanted, h5)` makes the maps when no `heatmaps` file is given."""
+    """Score `dataset`; `localize(paths, prompts, wanted, h5)` makes the maps when no `heatmaps` file is given.
+
+    `readout` "reference" scores each prompt's own map (the paper's); "contrast" scores it against the maps of
+    the other categories' template prompts on the same image (`contrast_maps`), so those are always localized.
+    """
+    if readout not in READOUTS:
+        raise AflocError(f"--readout must be one of {', '.join(READOUTS)}, not {readout!r}")
     out.mkdir(parents=True, exist_ok=True)
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
     if problems:
@@ -135,9 +143,12 @@ def run_benchmark(
 
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
-    if has_negatives:
+    if has_negatives or readout == "contrast":
         for c in categories:
-            for p in (prompt_template.format(category=c), NEGATIVE_TEMPLATE.format(category=c.lower())):
+            wanted_templates = [prompt_template.format(category=c)]
+            if has_negatives:
+                wanted_templates.append(NEGATIVE_TEMPLATE.format(category=c.lower()))
+            for p in wanted_templates:
                 if p not in prompts:
                     prompts.append(p)
     path_index = {p: i for i, p in enumerate(paths)}
@@ -146,6 +157,9 @@ def run_benchmark(
     for it in items:
         if it.positive:
             wanted[path_index[str(it.image_path)], prompt_index[it.prompt]] = True
+            if readout == "contrast":  # the contrast set of every positive image
+                for c in categories:
+                    wanted[path_index[str(it.image_path)], prompt_index[prompt_template.format(category=c)]] = True
     checkpoint_sha = None
     if heatmaps is None:
         if localize is None:
@@ -196,7 +210,11 @@ def run_benchmark(
             if not it.positive:
                 continue
             lb = Letterbox(**record.letterbox)
-            heat = frame_maps(torch.from_numpy(hf.raw(i, file_prompts[it.prompt])), lb.size, sigma, margin)
+            if readout == "contrast":
+                raw = _contrast_raw(hf, i, it, categories, file_prompts, prompt_template, heatmaps)
+            else:
+                raw = torch.from_numpy(hf.raw(i, file_prompts[it.prompt]))
+            heat = frame_maps(raw, lb.size, sigma, margin)
             heat = _blank_padding(heat, lb)
             truth = lb.original_mask_to_frame(it.truth_mask(lb.height, lb.width))
             rows.append({**base, **score_item(heat.numpy(), truth, thresholds)})
@@ -227,7 +245,10 @@ def run_benchmark(
         "heatmap_config": hm_cfg,
         "preprocessing": preprocessing,
         "model_config": model_config,
-        "readout": "reference",
+        "readout": readout,
+        "contrast": (None if readout == "reference" else
+                     "raw grid of the item's prompt minus the mean raw grid of the other categories' template "
+                     f"prompts ({prompt_template!r}) on the same image, before smoothing"),
         "prompt_source": prompt_source,
         "prompt_template": prompt_template,
         "negative_template": NEGATIVE_TEMPLATE if has_negatives else None,
@@ -276,6 +297,30 @@ def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tu
         return None
     _, summary = summarize(per_item_table(rows), n_boot=n_boot)
     return summary.with_columns(pl.lit("human benchmark (radiologists)").alias("source"))
+
+
+def _contrast_raw(hf: HeatmapFile, i: int, it: Item, categories: list[str], file_prompts: dict[str, int],
+                  prompt_template: str, heatmaps: Path) -> torch.Tensor:
+    """The item's raw grid under the contrast readout: against the other categories' template prompts.
+
+    The item's own category template is left out of the set: it names the same finding, and subtracting it
+    would cancel the very signal the item is scored on.
+    """
+    others = [prompt_template.format(category=c) for c in categories if c != it.category]
+    others = [p for p in others if p != it.prompt]
+    if not others:
+        raise AflocError("the contrast readout needs two or more prompts per image, and this dataset has only "
+                         f"one category ({it.category!r}): use --readout reference")
+    missing_prompts = [p for p in others if p not in file_prompts]
+    if missing_prompts:
+        raise AflocError(f"the contrast readout needs every category's template prompt; the heat-map file lacks "
+                         f"{len(missing_prompts)}, e.g. {missing_prompts[0]!r}", path=heatmaps)
+    maps = hf.maps(i)
+    stack = torch.from_numpy(np.stack([maps[file_prompts[p]] for p in (it.prompt, *others)]))
+    if torch.isnan(stack).any():
+        raise AflocError(f"the heat-map file has no maps of the contrast prompts for {it.image_path} (localized "
+                         "with only the wanted pairs?): re-localize with --readout contrast", path=heatmaps)
+    return contrast_maps(stack)[0]
 
 
 def _write_tables(out: Path, per_item: pl.DataFrame, per_category: pl.DataFrame, summary: pl.DataFrame,

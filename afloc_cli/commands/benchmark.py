@@ -37,7 +37,9 @@ def _print(result: BenchmarkResult, dataset: str, console: Console) -> None:
 
     from afloc_cli.benchmark.runner import PAPER
 
-    table = Table(title=f"{dataset}: AFLoc protocol (IoU/Dice over thresholds, CNR signed), 95% bootstrap CI")
+    readout = result.protocol.get("readout", "reference")
+    table = Table(title=f"{dataset}: AFLoc protocol (IoU/Dice over thresholds, CNR signed), {readout} readout, "
+                        "95% bootstrap CI")
     for col in ("model", "mIoU", "Dice", "CNR (signed)", "pointing game"):
         table.add_column(col)
     cells = []
@@ -78,6 +80,8 @@ def benchmark_command(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
     text_model: str | None = typer.Option(None, "--text-model", help="Text model folder for a reference .ckpt."),
     output_format: str = typer.Option("table", "--format", help="table, json or csv (the summary on stdout)."),
+    readout: str = typer.Option("reference", "--readout", help="reference (each prompt's own map, the paper's) or "
+                                "contrast (against the other categories' prompts; needs two or more)."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np
@@ -111,7 +115,7 @@ def benchmark_command(
     options = {"mimic_root": mimic_root} if mimic_root is not None else {}
     result = run_benchmark(dataset, root, out, heatmaps=heatmaps, localize=localize if heatmaps is None else None,
                            split=split, prompt_template=prompt_template, prompt_source=prompt_source,
-                           thresholds=sweep, n_boot=bootstrap, limit=limit, options=options)
+                           thresholds=sweep, n_boot=bootstrap, limit=limit, options=options, readout=readout)
     if output_format == "json":
         typer.echo(json.dumps({"summary": result.summary.to_dicts(),
                                "auroc": None if result.auroc is None else result.auroc.to_dicts(),

@@ -25,11 +25,13 @@ def demo_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title="demo: synthetic test split, AFLoc protocol (reference readout)")
-    for col in ("mIoU", "Dice", "CNR (signed)", "pointing game", "zero-shot AUROC"):
+    table = Table(title=f"demo: synthetic test split, AFLoc protocol, {report['grid']}x{report['grid']} grid")
+    for col in ("readout", "mIoU", "Dice", "CNR (signed)", "pointing game", "zero-shot AUROC"):
         table.add_column(col)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    table.add_row(*(fmt(report[k]) for k in ("miou", "dice", "cnr", "pointing", "auroc")))
+    for name, values in report["readouts"].items():
+        label = name + (" (paper)" if name == "reference" else " (vs other findings)")
+        table.add_row(label, *(fmt(values[k]) for k in ("miou", "dice", "cnr", "pointing", "auroc")))
     console.print(table)
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")

@@ -19,7 +19,7 @@ import torch
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.vlp.heatmap import frame_maps, minmax_signed, original_map
+from afloc_cli.vlp.heatmap import contrast_maps, frame_maps, minmax_signed, original_map
 from afloc_cli.vlp.overlay import write_png
 
 
@@ -28,8 +28,14 @@ def _heatmap_settings(hf: HeatmapFile) -> tuple[float, int]:
     return float(cfg.get("sigma", 1.5)), int(cfg.get("nan_margin", 0))
 
 
-def score_table(hf: HeatmapFile, threshold: float = 0.5) -> pl.DataFrame:
-    """One row per image x prompt: score, peak (original pixels), area above `threshold` of the [-1, 1] map."""
+def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str = "reference") -> pl.DataFrame:
+    """One row per image x prompt: score, peak (original pixels), area above `threshold` of the [-1, 1] map.
+
+    `readout` "contrast" reads each prompt's map against all the file's other prompts (`contrast_maps`); the
+    score column stays the image-level similarity either way.
+    """
+    if readout not in ("reference", "contrast"):
+        raise AflocError(f"readout must be reference or contrast, not {readout!r}")
     sigma, margin = _heatmap_settings(hf)
     columns: dict[str, list] = {k: [] for k in (
         "index", "path", "prompt", "status", "score", "peak_row", "peak_col", "area_fraction", "area_px")}
@@ -39,7 +45,8 @@ def score_table(hf: HeatmapFile, threshold: float = 0.5) -> pl.DataFrame:
         ok = record.status == "ok"
         if ok:
             lb = Letterbox(**record.letterbox)
-            frames = frame_maps(torch.from_numpy(hf.maps(i)), lb.size, sigma, margin)
+            raw = torch.from_numpy(hf.maps(i))
+            frames = frame_maps(contrast_maps(raw) if readout == "contrast" else raw, lb.size, sigma, margin)
             content = frames[:, lb.pad_top : lb.pad_top + lb.resized_height,
                              lb.pad_left : lb.pad_left + lb.resized_width].numpy()
             norm = minmax_signed(content)

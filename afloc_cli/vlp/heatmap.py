@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import Letterbox
 
 
@@ -96,3 +97,31 @@ def minmax_signed(maps: torch.Tensor | np.ndarray) -> np.ndarray:
     hi = np.nanmax(a, axis=(-2, -1), keepdims=True)
     span = np.where(hi > lo, hi - lo, 1.0)
     return (a - lo) / span * 2.0 - 1.0
+
+
+CONTRAST_MODES = ("mean", "softmax")
+
+
+def contrast_maps(maps: torch.Tensor, mode: str = "mean", temperature: float = 1.0) -> torch.Tensor:
+    """The contrast readout: each prompt's raw grid against the other prompts' grids of the same image.
+
+    `maps` is (P, g, g) or (B, P, g, g), raw similarities before smoothing; the result has the same shape.
+    Why: a single prompt's map (the reference readout) is dominated by what every prompt shares (anatomy,
+    image contrast), which a small budget never trains away; subtracting what the other findings see keeps
+    what is specific to this one. "mean" (the default) is map_p - mean over q != p of map_q: linear, so it
+    commutes with the smoothing and upsampling that follow and the min-max after it makes it free of the
+    similarity's scale. "softmax" takes prompt p's channel of a per-pixel softmax over prompts at
+    `temperature`; it depends on that scale, which raw dot-product maps do not fix.
+    """
+    if maps.dim() not in (3, 4):
+        raise ValueError(f"contrast_maps wants (P, g, g) or (B, P, g, g), not {tuple(maps.shape)}")
+    n = maps.shape[-3]
+    if n < 2:
+        raise AflocError("the contrast readout needs two or more prompts per image (it compares each prompt's map "
+                         f"with the others'); got {n}: add prompts or use --readout reference")
+    if mode == "mean":
+        total = maps.sum(dim=-3, keepdim=True)
+        return maps - (total - maps) / (n - 1)
+    if mode == "softmax":
+        return torch.softmax(maps / temperature, dim=-3)
+    raise ValueError(f"unknown contrast mode {mode!r}; choose one of {', '.join(CONTRAST_MODES)}")
