@@ -12,6 +12,9 @@ while this module's tests run, so other modules never inherit it. With CUDA
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -63,6 +66,21 @@ def _triton_problem() -> str | None:
 
 TRITON_PROBLEM = _triton_problem()
 needs_triton = pytest.mark.skipif(TRITON_PROBLEM is not None, reason=TRITON_PROBLEM or "")
+TRITON_TESTS = ("test_triton_local_alignment_matches_reference", "test_triton_local_alignment_block_edges",
+                "test_triton_localization_matches_reference")
+
+
+def _interpreter_spoiled() -> bool:
+    """Importing torch._inductor (the compile tests do) breaks Triton's CPU interpreter for the rest of
+    the process ("Cannot call @triton.jit'd outside of the scope of a kernel"); such a process runs the
+    Triton tests in a fresh interpreter instead (test_triton_kernels_in_a_fresh_process)."""
+    return not CUDA and "torch._inductor" in sys.modules and not os.environ.get("AFLOC_TRITON_FRESH")
+
+
+def _fresh_process_only() -> None:
+    if _interpreter_spoiled():
+        pytest.skip("torch._inductor was imported in this process: run in a fresh process instead "
+                    "by test_triton_kernels_in_a_fresh_process")
 
 
 def _restore_interpret() -> None:
@@ -160,6 +178,7 @@ def test_torch_path_matches_reference(problem):
 @FAST
 @given(alignment_problems())
 def test_triton_local_alignment_matches_reference(problem):
+    _fresh_process_only()
     regions, units, mask, weights = _tensors(problem, torch.float32, DEVICE)
     ref = _value_and_grads(la.reference_local_similarity, regions.double(), units.double(), mask, weights.double())
     got = _value_and_grads(la.triton_local_similarity, regions, units, mask, weights, chunk_size=problem["chunk"])
@@ -172,6 +191,7 @@ def test_triton_local_alignment_matches_reference(problem):
 
 @needs_triton
 def test_triton_local_alignment_block_edges():
+    _fresh_process_only()
     """Shapes straddling every block size (16 units, 16/32 regions, 16..64 dims) and several chunks."""
     problem = {"shape": (4, 2, 17, 33, 65), "seed": 7, "chunk": 3,
                "mask": [[True] * 17, [True] * 16 + [False]]}  # fmt: skip
@@ -273,6 +293,7 @@ def test_torch_localization_matches_reference(pb):
 @FAST
 @given(localization_problems())
 def test_triton_localization_matches_reference(pb):
+    _fresh_process_only()
     _check_localization(loc.triton_localization, pb, DEVICE, 1e-5)
 
 
@@ -406,3 +427,17 @@ def test_fold_needs_batch_norms():
     folded = cpu.fold_conv_bn(ImageEncoder(small_config().image, 8))
     with pytest.raises(ValueError, match="no convolution"):
         cpu.fold_conv_bn(folded)
+
+
+@needs_triton
+def test_triton_kernels_in_a_fresh_process():
+    """Where this process can no longer run Triton's interpreter, the Triton tests run in a new one."""
+    if not _interpreter_spoiled():
+        pytest.skip("the Triton tests ran in this process")
+    env = dict(os.environ, AFLOC_TRITON_FRESH="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(TRITON_TESTS)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert f"{len(TRITON_TESTS)} passed" in result.stdout
