@@ -22,6 +22,16 @@ def small_model():
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small synthetic corpus (n=40, seed 3) shared by the benchmark and readout tests."""
+    from afloc_cli.synth import SynthConfig, generate_corpus
+
+    out = tmp_path_factory.mktemp("synth") / "corpus"
+    generate_corpus(out, SynthConfig(n=40, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
 def text_folder():
     from afloc_cli.text.model.loading import resolve_text_model
 

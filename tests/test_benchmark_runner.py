@@ -19,15 +19,7 @@ from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
 from afloc_cli.heatmaps.store import HeatmapWriter, ImageRecord
 from afloc_cli.image.data.io import read_image_size
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.synth import SynthConfig, generate_corpus
 from afloc_cli.vlp.model import build_model
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "corpus"
-    generate_corpus(out, SynthConfig(n=40, seed=3))
-    return out
 
 
 def _oracle_file(corpus: Path, h5: Path, invert: bool = False) -> None:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from scipy.ndimage import gaussian_filter
 
 from afloc_cli.image.data.transforms import Letterbox, normalize
-from afloc_cli.vlp.heatmap import frame_maps, gaussian_smooth, minmax_signed, original_map, similarity
+from afloc_cli.vlp.heatmap import frame_maps, gaussian_smooth, minmax_signed, original_map
+from kernels.dispatch import localization_maps
 
 
 def _reference_resize(img: np.ndarray, scale: int) -> np.ndarray:
@@ -71,10 +72,10 @@ def test_gaussian_smoothing_equals_scipy(n):
 def test_similarity_dot_and_cosine():
     grid = torch.randn(2, 8, 5, 5)
     prompts = torch.randn(3, 8)
-    dot = similarity(grid, prompts, "dot")
+    dot, _ = localization_maps(grid, prompts, "dot")
     assert dot.shape == (2, 3, 5, 5)
     torch.testing.assert_close(dot[1, 2, 4, 0], (grid[1, :, 4, 0] * prompts[2]).sum())
-    cos = similarity(grid, prompts, "cosine")
+    cos, _ = localization_maps(grid, prompts, "cosine")
     assert cos.abs().max() <= 1 + 1e-6
 
 

@@ -17,7 +17,6 @@ from afloc_cli.heatmaps.readout import score_table
 from afloc_cli.heatmaps.store import HeatmapFile, HeatmapWriter, ImageRecord
 from afloc_cli.image.data.io import read_image_size
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.synth import SynthConfig, generate_corpus
 from afloc_cli.vlp.heatmap import contrast_maps, frame_maps
 
 TEMPLATE = "Findings suggesting {category}."
@@ -55,13 +54,6 @@ def test_contrast_needs_two_prompts():
         contrast_maps(torch.zeros(1, 3, 3))
     with pytest.raises(ValueError):
         contrast_maps(torch.zeros(2, 3, 3), mode="nope")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "corpus"
-    generate_corpus(out, SynthConfig(n=40, seed=3))
-    return out
 
 
 def _oracle_with_templates(corpus: Path, h5: Path, templates: bool = True) -> None:

@@ -8,7 +8,6 @@ masks in original pixels) is letterboxed exactly as the image was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,7 @@ from afloc_cli.benchmark.metrics import (
     summarize,
     tune_thresholds,
 )
+from afloc_cli.checkpoint.io import sha256_file
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile
 from afloc_cli.image.data.transforms import Letterbox
@@ -62,19 +62,11 @@ class BenchmarkResult:
     human: pl.DataFrame | None = None  # CheXlocalize's radiologist benchmark, scored the same way
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _annotation_hashes(root: Path) -> dict[str, str]:
     """sha256 of the annotation files at the dataset root (CSV/JSON), so a table names its exact inputs."""
     files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root])
                    if p.is_file() and p.suffix.lower() in (".csv", ".json", ".gz") and p.stat().st_size < 512 << 20)
-    return {str(p.relative_to(root) if root.is_dir() else p.name): _hash_file(p) for p in files[:50]}
+    return {str(p.relative_to(root) if root.is_dir() else p.name): sha256_file(p) for p in files[:50]}
 
 
 def select_items(items: list[Item], prompt_source: str, template: str, limit: int | None) -> list[Item]:

@@ -47,8 +47,8 @@ from afloc_cli.image.data.transforms import normalize
 from afloc_cli.image.model.encoder import ImageFeatures
 from afloc_cli.text.data.sentences import prepare_prompt
 from afloc_cli.text.model.encoder import TextEncoder
-from afloc_cli.vlp.heatmap import similarity
 from afloc_cli.vlp.model import AflocModel
+from kernels.dispatch import localization_maps
 
 FORMAT = "afloc-engine"
 FORMAT_VERSION = 1
@@ -385,8 +385,8 @@ def check_parity(
         ]
         row: dict[str, Any] = {"batch": b, "max_abs_diff": 0.0, "max_rel_diff": 0.0, "min_cosine": 1.0}
         for level in local:
-            eager_maps = torch.cat([similarity(getattr(c, level).float(), prompts, mode) for c in chunks])
-            stats = _compare(eager_maps, similarity(getattr(compiled, level), prompts, mode))
+            eager_maps = torch.cat([localization_maps(getattr(c, level).float(), prompts, mode)[0] for c in chunks])
+            stats = _compare(eager_maps, localization_maps(getattr(compiled, level).float(), prompts, mode)[0])
             row["max_abs_diff"] = max(row["max_abs_diff"], stats["max_abs_diff"])
             row["max_rel_diff"] = max(row["max_rel_diff"], stats["max_rel_diff"])
             row["min_cosine"] = min(row["min_cosine"], stats["min_cosine"])

@@ -1,6 +1,7 @@
 """The localization readout (SPEC.md, "Heatmap protocol"), from a patch grid to pixels.
 
-1. similarity of each grid cell with a prompt's report embedding (dot, or cosine);
+1. similarity of each grid cell with a prompt's report embedding (dot, or cosine), computed by
+   `kernels.dispatch.localization_maps`;
 2. Gaussian smoothing (sigma 1.5) on the grid itself, with scipy.ndimage's default
    "reflect" borders (d c b a | a b c d), as the reference;
 3. bilinear upsampling (align_corners=False) to the square model frame;
@@ -19,16 +20,6 @@ import torch.nn.functional as F
 
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import Letterbox
-
-
-def similarity(grid: torch.Tensor, prompts: torch.Tensor, mode: str = "dot") -> torch.Tensor:
-    """grid (B, d, g, g) x prompts (P, d) -> maps (B, P, g, g)."""
-    if mode == "cosine":
-        grid = F.normalize(grid, dim=1)
-        prompts = F.normalize(prompts, dim=1)
-    elif mode != "dot":
-        raise ValueError(f"unknown similarity {mode!r}")
-    return torch.einsum("bdhw,pd->bphw", grid, prompts.to(grid.dtype))
 
 
 @lru_cache(maxsize=32)

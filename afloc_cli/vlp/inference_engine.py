@@ -45,13 +45,6 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(-2)
-    lo = flat.min(-1, keepdim=True).values.unsqueeze(-1)
-    hi = flat.max(-1, keepdim=True).values.unsqueeze(-1)
-    return (maps - lo) / (hi - lo).clamp(min=1e-12) * 2 - 1
-
-
 @dataclass
 class EngineOutput:
     maps: torch.Tensor  # (B, P, g, g) float32 raw similarity (fused: mean of the two min-max maps)
@@ -111,9 +104,10 @@ class LocalizationEngine:
             grid = feats.deep if self.level == "deep" else feats.shallow
             maps, stats = localization_maps(grid.float(), self.prompt_embeddings, mode, global_=global_)
         else:
-            shallow, stats = localization_maps(feats.shallow.float(), self.prompt_embeddings, mode, global_=global_)
-            deep, _ = localization_maps(feats.deep.float(), self.prompt_embeddings, mode)
+            shallow, stats = localization_maps(feats.shallow.float(), self.prompt_embeddings, mode, global_=global_,
+                                               normalize=True)
+            deep, _ = localization_maps(feats.deep.float(), self.prompt_embeddings, mode, normalize=True)
             deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
-            maps = (_minmax(shallow) + _minmax(deep)) / 2
+            maps = (shallow + deep) / 2
         scores = stats.scores
         return EngineOutput(maps=maps.float().cpu(), scores=scores.float().cpu())
