@@ -219,6 +219,41 @@ def test_overlays(tmp_path, tiny_checkpoint, image_folder):
     assert np.array(Image.open(png)).shape == (41, 50, 3)
 
 
+def test_contrast_readout_recorded_and_applied(tmp_path, tiny_checkpoint, image_folder, capsys):
+    from afloc_cli.vlp.heatmap import contrast_maps
+
+    one = tmp_path / "one.h5"
+    capsys.readouterr()
+    assert _localize([str(image_folder), "--prompt", "left effusion", "--readout", "contrast", "--out", str(one)],
+                     tiny_checkpoint) == 2  # refused before any work: one prompt has nothing to contrast with
+    assert "two or more prompts" in capsys.readouterr().err and not one.exists()
+    args = [str(image_folder / "img02.png"), "--prompt", "left effusion", "--prompt", "cardiomegaly",
+            "--prompt", "right pneumothorax"]
+    ref, con = tmp_path / "ref.h5", tmp_path / "con.h5"
+    assert _localize([*args, "--out", str(ref)], tiny_checkpoint) == 0
+    assert _localize([*args, "--out", str(con), "--readout", "contrast", "--overlays", str(tmp_path / "ov")],
+                     tiny_checkpoint) == 0
+    with HeatmapFile.open(ref) as a, HeatmapFile.open(con) as b:
+        assert a.attrs["readout"] == "reference" and b.attrs["readout"] == "contrast"
+        np.testing.assert_array_equal(a.maps(0), b.maps(0))  # the file keeps the raw maps either way
+        raw, lb = torch.from_numpy(a.maps(0)), Letterbox(**a.record(0).letterbox)
+    # Readers follow the file's readout; --readout overrides it.
+    for h5, flag, want in ((con, [], "contrast"), (ref, ["--readout", "contrast"], "contrast"),
+                           (con, ["--readout", "reference"], "reference")):
+        folder = tmp_path / f"npy-{h5.stem}-{want}"
+        assert run(["export", str(h5), "--npy", str(folder), *flag]) == 0
+        grids = contrast_maps(raw) if want == "contrast" else raw
+        for p in range(3):
+            (npy,) = list(folder.glob(f"*__p{p:03d}_*.npy"))
+            expected = original_map(grids[p], lb, 1.5, 0).numpy()
+            np.testing.assert_allclose(np.load(npy), expected, atol=1e-5, equal_nan=True)
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 3
+    a_csv, b_csv = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert run(["scores", str(con), "--out", str(a_csv)]) == 0
+    assert run(["scores", str(ref), "--out", str(b_csv), "--readout", "contrast"]) == 0
+    assert a_csv.read_text() == b_csv.read_text()
+
+
 _CHILD = """
 import sys
 from afloc_cli.cli import run

@@ -209,3 +209,52 @@ def test_keeps_the_best_k_by_validation_loss(cache, tmp_path):
     assert set(kept) == best | {last}
     losses = [v for v, _ in trainer.state.best]
     assert losses == sorted(losses)
+
+
+def test_frozen_text_features_equal_the_encoder_and_are_reused(small_model):
+    from afloc_cli.text.data.sentences import prepare_prompt, prepare_report
+    from train.text_features import FrozenTextFeatures
+
+    texts = [prepare_report("Small left pleural effusion. Heart size is normal."), prepare_prompt("cardiomegaly"),
+             prepare_prompt(""), prepare_report("No pneumothorax. Mild bibasilar atelectasis. Stable.")]
+    enc = small_model.text_encoder
+    cache = FrozenTextFeatures(enc, torch.device("cpu"))
+    with torch.no_grad():
+        direct = enc(enc.tokenize(texts))
+    for order in ([0, 1, 2, 3], [3, 1, 1, 0]):  # second call: all hits, a repeated text, another order
+        got = cache([texts[i] for i in order])
+        for name in ("words", "word_mask", "sentences", "sentence_mask", "report"):
+            want = getattr(direct, name)[order]
+            width = getattr(got, name).shape[1] if want.dim() > 1 else None
+            if width is not None:  # the batch is padded to its own longest text, as the encoder does
+                assert not want[:, width:].any()
+                want = want[:, :width]
+            torch.testing.assert_close(getattr(got, name), want, atol=1e-5, rtol=1e-5, msg=name)
+    assert cache.misses == 4 and cache.hits == 4
+
+
+def test_frozen_text_cache_is_bounded(small_model):
+    from afloc_cli.text.data.sentences import prepare_prompt
+    from train.text_features import FrozenTextFeatures
+
+    texts = [prepare_prompt(f"finding number {i} on the left") for i in range(6)]
+    cache = FrozenTextFeatures(small_model.text_encoder, torch.device("cpu"), max_bytes=1)
+    cache(texts)
+    cache(texts)
+    assert cache.bytes <= 1 and cache.hits == 0  # nothing kept, every call recomputes, results still returned
+    one = FrozenTextFeatures(small_model.text_encoder, torch.device("cpu"))
+    one(texts[:1])
+    row_bytes = one.bytes
+    two = FrozenTextFeatures(small_model.text_encoder, torch.device("cpu"), max_bytes=2 * row_bytes + 10)
+    two(texts[:3])
+    assert len(two.rows) == 2 and texts[0] not in two.rows  # the least recently used went first
+
+
+def test_frozen_text_training_keeps_the_encoder_in_eval_mode(cache, tmp_path):
+    trainer = Trainer(_cfg("epochs=1", "max_steps=2", "freeze_text=true"), FrameCache(cache), tmp_path / "f")
+    before = {k: v.clone() for k, v in trainer.model.text_encoder.state_dict().items()}
+    trainer.fit()
+    assert not trainer.model.text_encoder.training and trainer.model.image_encoder.training
+    assert trainer.text_features is not None and trainer.text_features.misses > 0
+    after = trainer.model.text_encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

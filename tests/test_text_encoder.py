@@ -121,6 +121,19 @@ def test_batch_padding_does_not_change_units(small_model):
     torch.testing.assert_close(both.report[1], alone.report[0], atol=1e-4, rtol=1e-4)
 
 
+def test_padding_to_longest_equals_reference_padding(small_model):
+    """Training and prompts pad to the batch's longest text; the reference pads to 97: same features."""
+    texts = [prepare_report("The heart is normal in size. There is a large right pleural effusion. No pneumothorax"),
+             prepare_prompt("left effusion"), prepare_prompt("")]
+    enc = small_model.text_encoder
+    short, full = enc.tokenize(texts), enc.tokenize(texts, pad_to_max_length=True)
+    assert short.input_ids.shape[1] < full.input_ids.shape[1] == 97
+    with torch.no_grad():
+        a, b = enc(short), enc(full)
+    for name in ("words", "word_mask", "sentences", "sentence_mask", "report"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+
+
 def test_masked_mean_pooling_option(text_folder):
     from afloc_cli.config import small_config
     from afloc_cli.vlp.model import build_model

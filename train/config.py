@@ -39,7 +39,8 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     val_batches: int = 20
     local_chunk: int | None = None  # local-loss chunk size (None: the loss module's default)
-    freeze_text: bool = False
+    freeze_text: bool = False  # the text encoder is fixed (eval mode) and its features are cached
+    text_cache_mb: int = 1024  # bound on those cached features (per process)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from train.config import TrainConfig
 from train.data import FrameCache, PretrainDataset, batches_for_rank
 from train.distributed import DistInfo, gather, gather_padded
 from train.losses import global_loss, local_loss
+from train.text_features import FrozenTextFeatures
 
 
 class NonFiniteLoss(AflocError):
@@ -61,7 +62,9 @@ class _Forward(nn.Module):
         self.levels = levels
 
     def forward(self, x: torch.Tensor, text_batch: Any) -> tuple[Any, Any]:
-        return self.model.encode_images(x, self.levels), self.model.text_encoder(text_batch)
+        """`text_batch` None: the text features come from a frozen-encoder cache, outside the wrapped module."""
+        text = None if text_batch is None else self.model.text_encoder(text_batch)
+        return self.model.encode_images(x, self.levels), text
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -87,14 +90,17 @@ def compute_losses(
     dist: DistInfo,
     device: torch.device,
     precision: str,
+    text_features: FrozenTextFeatures | None = None,
 ) -> dict[str, torch.Tensor]:
     """The three losses over the global batch (embeddings gathered from every rank)."""
     lc = cfg.model.loss
     pre = cfg.model.preprocess
     x = normalize(frames.to(device), pre.mean, pre.std).contiguous()
-    tb = model.text_encoder.tokenize(texts).to(device)
+    tb = None if text_features is not None else model.text_encoder.tokenize(texts).to(device)
     with _autocast(device, precision):
         img, txt = forward(x, tb)
+    if text_features is not None:
+        txt = text_features(texts)
     out: dict[str, torch.Tensor] = {}
     zero = x.new_zeros(())
     chunk = cfg.local_chunk
@@ -154,9 +160,12 @@ class Trainer:
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.device)
+        self.text_features: FrozenTextFeatures | None = None
         if cfg.freeze_text:
             for p in self.model.text_encoder.parameters():
                 p.requires_grad_(False)
+            self.text_features = FrozenTextFeatures(self.model.text_encoder, self.device,
+                                                    max_bytes=cfg.text_cache_mb << 20)
         self.train_set = PretrainDataset(cache, "train", cfg.seed)
         self.val_set = PretrainDataset(cache, "val", cfg.seed)
         if len(self.train_set) < cfg.batch_size:
@@ -177,6 +186,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.state = TrainState()
         self.ckpt_dir = out / "checkpoints"
+
+    def _train_mode(self, on: bool) -> None:
+        """A frozen text encoder stays in eval mode: fixed features, no dropout."""
+        self.model.train(on)
+        if self.cfg.freeze_text:
+            self.model.text_encoder.eval()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, tag: str | None = None) -> Path:
@@ -247,17 +262,17 @@ class Trainer:
     def validate(self) -> float | None:
         if len(self.val_set) < self.cfg.batch_size // self.dist.world or self.dist.enabled:
             return None
-        self.model.eval()
+        self._train_mode(False)
         total, count = 0.0, 0
         bs = self.cfg.batch_size
         for b in range(min(self.cfg.val_batches, len(self.val_set) // bs)):
             items = [self.val_set[(i, 0)] for i in range(b * bs, (b + 1) * bs)]
             frames, texts = _collate(items)
             losses = compute_losses(self.forward, self.model, frames, texts, self.cfg, self.dist,
-                                    self.device, self.precision)
+                                    self.device, self.precision, self.text_features)
             total += float(losses["total"])
             count += 1
-        self.model.train()
+        self._train_mode(True)
         return total / count if count else None
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -283,7 +298,7 @@ class Trainer:
         writer = csv.DictWriter(metrics, fieldnames=fields)
         if new_file:
             writer.writeheader()
-        self.model.train()
+        self._train_mode(True)
         accumulate = max(1, cfg.optim.accumulate)
         try:
             while self.state.epoch < cfg.epochs:
@@ -300,7 +315,7 @@ class Trainer:
                 micro = 0
                 for frames, texts in loader:
                     losses = compute_losses(self.forward, self.model, frames, texts, cfg, self.dist,
-                                            self.device, self.precision)
+                                            self.device, self.precision, self.text_features)
                     total = losses["total"]
                     if not math.isfinite(float(total.detach())):
                         raise NonFiniteLoss(

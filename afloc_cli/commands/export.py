@@ -15,6 +15,8 @@ def export_command(
     png: Path | None = typer.Option(None, "--png", help="16-bit grey PNGs of the [-1, 1] maps."),
     npy: Path | None = typer.Option(None, "--npy", help="float32 .npy raw maps, NaN outside the image."),
     chexlocalize: Path | None = typer.Option(None, "--chexlocalize", help="Pickles for cheXlocalize's evaluator."),
+    readout: str | None = typer.Option(None, "--readout", help="reference or contrast (default: the readout the "
+                                       "file was localized with)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Write every (image, prompt) map at the image's original size."""
@@ -25,10 +27,10 @@ def export_command(
         raise AflocError("give exactly one of --png DIR, --npy DIR, --chexlocalize DIR")
     with open_heatmaps(heatmaps) as hf:
         if png is not None:
-            n = export_png(hf, png)
+            n = export_png(hf, png, readout)
         elif npy is not None:
-            n = export_npy(hf, npy)
+            n = export_npy(hf, npy, readout)
         else:
-            n = export_chexlocalize(hf, chexlocalize)  # type: ignore[arg-type]
+            n = export_chexlocalize(hf, chexlocalize, readout=readout)  # type: ignore[arg-type]
     summary = {"out": str(targets[0]), "maps": n}
     typer.echo(json.dumps(summary) if as_json else f"wrote {n} maps to {targets[0]}")

@@ -37,13 +37,13 @@ def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
     return result
 
 
-def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int):
+def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int, readout: str):
     import numpy as np
     import torch
 
     from afloc_cli.image.data.io import read_image
     from afloc_cli.image.data.transforms import Letterbox, to_uint8
-    from afloc_cli.vlp.heatmap import original_map
+    from afloc_cli.vlp.heatmap import contrast_maps, original_map
     from afloc_cli.vlp.overlay import overlay_name, render_overlay, write_png
 
     def write(items: list[dict], maps: np.ndarray) -> None:
@@ -51,8 +51,11 @@ def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int)
             radiograph = read_image(item["path"])
             image = to_uint8(radiograph.pixels)
             lb = Letterbox(**item["letterbox"])
+            grids = torch.from_numpy(item_maps)
+            if readout == "contrast":
+                grids = contrast_maps(grids)
             for p, prompt in enumerate(prompts):
-                heat = original_map(torch.from_numpy(item_maps[p]), lb, sigma, margin).numpy()
+                heat = original_map(grids[p], lb, sigma, margin).numpy()
                 name = overlay_name(item["path"], item["index"], p, prompt)
                 write_png(folder / name, render_overlay(image, heat, prompt))
 
@@ -70,6 +73,9 @@ def localize_command(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     level: str = typer.Option("deep", "--level", help="deep (reference), shallow or fused."),
+    readout: str = typer.Option("reference", "--readout", help="How scores, exports and overlays read the maps: "
+                                "reference (each prompt's own map, the paper's) or contrast (against the other "
+                                "prompts' maps; needs two or more prompts). The file keeps the raw maps either way."),
     overlays: Path | None = typer.Option(None, "--overlays", help="Also write overlay PNGs here."),
     shard: str | None = typer.Option(None, "--shard", help="K/N (0-based) or auto (torchrun / Slurm array)."),
     resume: bool = typer.Option(False, "--resume", help="Complete an interrupted run."),
@@ -90,10 +96,16 @@ def localize_command(
         raise AflocError(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
     if level not in ("deep", "shallow", "fused"):
         raise AflocError(f"--level must be deep, shallow or fused, not {level!r}")
+    if readout not in ("reference", "contrast"):
+        raise AflocError(f"--readout must be reference or contrast, not {readout!r}")
     if resume and overwrite:
         raise AflocError("--resume and --overwrite contradict each other")
     console = Console(stderr=True)
     prompt_list = _prompts(prompts_file, prompt)
+    if readout == "contrast" and len(prompt_list.prompts) < 2:
+        raise AflocError("--readout contrast compares each prompt's map with the other prompts' maps and needs two "
+                         f"or more prompts; got {len(prompt_list.prompts)}", hint="add prompts or use the reference "
+                         "readout", path=prompts_file)
     all_paths = collect_inputs(list(inputs))
     if not all_paths:
         raise AflocError("no radiographs found in the inputs", hint="DICOM, PNG, JPEG and TIFF files are read")
@@ -127,7 +139,7 @@ def localize_command(
     on_batch = None
     if overlays is not None:
         hm = loaded.model.cfg.heatmap
-        on_batch = _overlay_writer(overlays, prompt_list.prompts, hm.sigma, hm.nan_margin)
+        on_batch = _overlay_writer(overlays, prompt_list.prompts, hm.sigma, hm.nan_margin, readout)
 
     show = sys.stderr.isatty() and not as_json
     with Progress(
@@ -156,6 +168,7 @@ def localize_command(
             strict=strict,
             on_progress=on_progress,
             on_batch=on_batch,
+            readout=readout,
         )
     info = summary.to_dict() | {"checkpoint_sha256": loaded.sha256, "shard": shard_spec}
     if as_json:

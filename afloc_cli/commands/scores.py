@@ -16,6 +16,8 @@ def scores_command(
     heatmaps: Path = typer.Argument(..., help="An HDF5 file written by afloc localize."),
     out: Path = typer.Option(..., "--out", help="Table to write: .parquet or .csv."),
     threshold: float = typer.Option(0.5, "--threshold", help="Area counts pixels whose [-1, 1] map exceeds this."),
+    readout: str | None = typer.Option(None, "--readout", help="reference or contrast (default: the readout the "
+                                       "file was localized with)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Score, peak location (original pixels) and area above a threshold, per image x prompt."""
@@ -24,7 +26,7 @@ def scores_command(
     if out.suffix not in (".parquet", ".csv"):
         raise AflocError("--out must end in .parquet or .csv", path=out)
     with open_heatmaps(heatmaps) as hf:
-        table = score_table(hf, threshold)
+        table = score_table(hf, threshold, readout)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)

@@ -279,7 +279,7 @@ class CompiledTextEncoder:
         prepared = [prepare_prompt(p) for p in prompts]
         chunks = []
         for i in range(0, len(prepared), self.max_batch):
-            batch = self.encoder.tokenize(prepared[i : i + self.max_batch]).to(self.device)
+            batch = self.encoder.tokenize(prepared[i : i + self.max_batch], pad_to_max_length=True).to(self.device)
             with torch.inference_mode():
                 chunks.append(self.encoder(batch).report)
         return torch.cat(chunks) if chunks else torch.empty(0, self.encoder.hidden_size)

@@ -247,7 +247,8 @@ def export_text_encoder(
     from afloc_cli.text.data.sentences import prepare_prompt
 
     dtype = precision_dtype(precision)
-    batch = text.tokenize([prepare_prompt("Small left pleural effusion."), prepare_prompt("Cardiomegaly.")])
+    batch = text.tokenize([prepare_prompt("Small left pleural effusion."), prepare_prompt("Cardiomegaly.")],
+                          pad_to_max_length=True)
     with_types = batch.token_type_ids is not None
     args = tuple(a.to(device) for a in text_inputs(batch.input_ids, batch.attention_mask, batch.token_type_ids))
     body = copy.deepcopy(text.model).to(device=device, dtype=dtype).eval()

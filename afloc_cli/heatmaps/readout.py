@@ -28,14 +28,32 @@ def _heatmap_settings(hf: HeatmapFile) -> tuple[float, int]:
     return float(cfg.get("sigma", 1.5)), int(cfg.get("nan_margin", 0))
 
 
-def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str = "reference") -> pl.DataFrame:
+READOUTS = ("reference", "contrast")
+
+
+def resolve_readout(hf: HeatmapFile, readout: str | None) -> str:
+    """The readout asked for, else the one the file was localized with (`afloc localize --readout`)."""
+    chosen = readout or str(hf.attrs.get("readout", "reference"))
+    if chosen not in READOUTS:
+        raise AflocError(f"readout must be reference or contrast, not {chosen!r}")
+    if chosen == "contrast" and hf.n_prompts < 2:
+        raise AflocError("the contrast readout needs two or more prompts per image (it compares each prompt's map "
+                         f"with the others'); this file has {hf.n_prompts}: use --readout reference", path=hf.path)
+    return chosen
+
+
+def _read_maps(raw: np.ndarray, readout: str) -> torch.Tensor:
+    maps = torch.from_numpy(raw)
+    return contrast_maps(maps) if readout == "contrast" else maps
+
+
+def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str | None = None) -> pl.DataFrame:
     """One row per image x prompt: score, peak (original pixels), area above `threshold` of the [-1, 1] map.
 
-    `readout` "contrast" reads each prompt's map against all the file's other prompts (`contrast_maps`); the
-    score column stays the image-level similarity either way.
+    `readout` "contrast" reads each prompt's map against all the file's other prompts (`contrast_maps`);
+    None takes the file's own. The score column stays the image-level similarity either way.
     """
-    if readout not in ("reference", "contrast"):
-        raise AflocError(f"readout must be reference or contrast, not {readout!r}")
+    readout = resolve_readout(hf, readout)
     sigma, margin = _heatmap_settings(hf)
     columns: dict[str, list] = {k: [] for k in (
         "index", "path", "prompt", "status", "score", "peak_row", "peak_col", "area_fraction", "area_px")}
@@ -45,8 +63,7 @@ def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str = "referen
         ok = record.status == "ok"
         if ok:
             lb = Letterbox(**record.letterbox)
-            raw = torch.from_numpy(hf.maps(i))
-            frames = frame_maps(contrast_maps(raw) if readout == "contrast" else raw, lb.size, sigma, margin)
+            frames = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma, margin)
             content = frames[:, lb.pad_top : lb.pad_top + lb.resized_height,
                              lb.pad_left : lb.pad_left + lb.resized_width].numpy()
             norm = minmax_signed(content)
@@ -74,17 +91,18 @@ def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str = "referen
     })
 
 
-def iter_original_maps(hf: HeatmapFile) -> Iterator[tuple[int, int, np.ndarray]]:
+def iter_original_maps(hf: HeatmapFile, readout: str | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """(image, prompt, map over the original pixels) for every successful pair, NaN outside the image."""
+    readout = resolve_readout(hf, readout)
     sigma, margin = _heatmap_settings(hf)
     for i in range(hf.n_images):
         record = hf.record(i)
         if record.status != "ok":
             continue
         lb = Letterbox(**record.letterbox)
-        maps = hf.maps(i)
+        maps = _read_maps(hf.maps(i), readout)
         for p in range(hf.n_prompts):
-            yield i, p, original_map(torch.from_numpy(maps[p]), lb, sigma, margin).numpy()
+            yield i, p, original_map(maps[p], lb, sigma, margin).numpy()
 
 
 def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
@@ -93,10 +111,10 @@ def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
     return overlay_name(hf.record(i).path, int(hf.indices[i]), p, hf.prompts[p]).replace(".png", suffix)
 
 
-def export_png(hf: HeatmapFile, folder: Path) -> int:
+def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """16-bit grey PNGs of the [-1, 1] map at original size (0 = -1, 65535 = +1, NaN -> 0)."""
     n = 0
-    for i, p, heat in iter_original_maps(hf):
+    for i, p, heat in iter_original_maps(hf, readout):
         norm = minmax_signed(heat)
         grey = np.nan_to_num((norm + 1) / 2 * 65535, nan=0).round().astype(np.uint16)
         write_png(folder / _name(hf, i, p, ".png"), grey)
@@ -104,11 +122,11 @@ def export_png(hf: HeatmapFile, folder: Path) -> int:
     return n
 
 
-def export_npy(hf: HeatmapFile, folder: Path) -> int:
-    """float32 .npy maps at original size (raw similarity, NaN outside the image)."""
+def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
+    """float32 .npy maps at original size (raw similarity, or its contrast; NaN outside the image)."""
     folder.mkdir(parents=True, exist_ok=True)
     n = 0
-    for i, p, heat in iter_original_maps(hf):
+    for i, p, heat in iter_original_maps(hf, readout):
         target = folder / _name(hf, i, p, ".npy")
         tmp = target.with_suffix(".npy.tmp")
         with open(tmp, "wb") as f:
@@ -118,7 +136,8 @@ def export_npy(hf: HeatmapFile, folder: Path) -> int:
     return n
 
 
-def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | None = None) -> int:
+def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | None = None,
+                        readout: str | None = None) -> int:
     """cheXlocalize's saliency pickles: `{image_id}_{task}_map.pkl` with map, prob, task, gt, cxr_img, cxr_dims.
 
     The map is given at the model's grid (1, 1, g, g), smoothed, as cheXlocalize upsamples it to
@@ -128,6 +147,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
     from afloc_cli.image.data.io import read_image
     from afloc_cli.vlp.heatmap import gaussian_smooth
 
+    readout = resolve_readout(hf, readout)
     sigma, _ = _heatmap_settings(hf)
     folder.mkdir(parents=True, exist_ok=True)
     scores = hf.scores()
@@ -139,7 +159,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         path = Path(record.path)
         image_id = "_".join(path.with_suffix("").parts[-3:])
         pixels = torch.from_numpy(read_image(path).pixels)
-        maps = gaussian_smooth(torch.from_numpy(hf.maps(i)), sigma)
+        maps = gaussian_smooth(_read_maps(hf.maps(i), readout), sigma)
         for p, prompt in enumerate(hf.prompts):
             task = (tasks or {}).get(prompt, prompt)
             blob = {

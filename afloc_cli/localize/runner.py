@@ -74,10 +74,15 @@ def _collate(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
-def run_attrs(engine: LocalizationEngine, checkpoint_sha256: str) -> dict[str, Any]:
-    """Everything that must match for a resume or a merge, and that a reader needs to interpret the maps."""
+def run_attrs(engine: LocalizationEngine, checkpoint_sha256: str, readout: str = "reference") -> dict[str, Any]:
+    """Everything that must match for a resume or a merge, and that a reader needs to interpret the maps.
+
+    `readout` is how readers (scores, export, overlays) turn the stored raw maps into heat maps; the
+    stored maps are the raw similarities either way.
+    """
     cfg = engine.cfg
     return {
+        "readout": readout,
         "checkpoint_sha256": checkpoint_sha256,
         "model_config": cfg.to_json(),
         "preprocessing": json.dumps(cfg.preprocess.__dict__, sort_keys=True),
@@ -105,6 +110,7 @@ def run_localize(
     on_progress: Callable[[int, int], None] | None = None,
     on_batch: Callable[[list[dict[str, Any]], np.ndarray], None] | None = None,
     wanted: np.ndarray | None = None,
+    readout: str = "reference",
 ) -> RunSummary:
     """Localize `paths` (the items of this shard, with their global `indices`) into `out`.
 
@@ -118,7 +124,7 @@ def run_localize(
         indices=indices,
         prompts=prompts,
         grid=engine.grid,
-        attrs=run_attrs(engine, checkpoint_sha256),
+        attrs=run_attrs(engine, checkpoint_sha256, readout),
         resume=resume,
         overwrite=overwrite,
     )

@@ -106,17 +106,24 @@ class TextEncoder(nn.Module):
         return int(self.model.config.hidden_size)
 
     # ---- tokenization ------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[PreparedText]) -> TextBatch:
-        """Tokenize prepared texts, padded to max_length as the reference, with unit maps."""
-        L = self.cfg.max_length
+    def tokenize(self, texts: Sequence[PreparedText], *, pad_to_max_length: bool = False) -> TextBatch:
+        """Tokenize prepared texts (truncated to max_length as the reference), with unit maps.
+
+        Padding only to the batch's longest text gives the same features as the
+        reference's padding to max_length (padding is masked out of attention and
+        dropped from every unit; the report pooling divides by max_length either
+        way) at a fraction of the cost; compiled text engines, traced at
+        max_length, ask for the full padding.
+        """
         enc = self.tokenizer(
             [list(t.words) for t in texts],
             is_split_into_words=True,
-            padding="max_length",
+            padding="max_length" if pad_to_max_length else "longest",
             truncation=True,
-            max_length=L,
+            max_length=self.cfg.max_length,
             return_tensors="pt",
         )
+        L = int(enc["input_ids"].shape[1])
         B = len(texts)
         unit_of_token = torch.full((B, L), L, dtype=torch.long)
         sentence_of_unit = torch.full((B, L), L, dtype=torch.long)
