@@ -1,0 +1,207 @@
+"""The learning benchmark: does localization emerge from reports alone, beyond every ablation and baseline?
+
+On one synthetic corpus (known boxes, one finding kind held out of training) and
+one training budget, this trains, for each seed:
+- the full model (global + sentence + word losses),
+- the ablations: global only (ConVIRT-like) and global + sentence (GLoRIA-like),
+and scores each on the test split with both readouts (reference: the paper's;
+contrast: against the other findings' prompts), beside an untrained model and a
+random-map baseline. It prints, and writes under --out, per-kind and macro
+figures (mean and spread over the seeds), with the held-out kind apart.
+
+    .venv/bin/python benchmarks/learning.py --out /tmp/learning            # the recorded run (see RESULTS.md)
+    .venv/bin/python benchmarks/learning.py --out /tmp/l --quick           # a smoke run of the whole chain
+
+Results are recorded in benchmarks/RESULTS.md ("Learning benchmark").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from rich.console import Console
+
+from afloc_cli.benchmark.runner import BenchmarkResult, run_benchmark
+from afloc_cli.checkpoint.io import save_checkpoint
+from afloc_cli.config import small_config
+from afloc_cli.demo import DemoPlan, evaluate, pretrain, training_config
+from afloc_cli.image.model.encoder import grid_sizes
+from afloc_cli.localize.runner import run_localize
+from afloc_cli.synth import SynthConfig, generate_corpus
+from afloc_cli.vlp.model import build_model
+
+VARIANTS = {  # name -> the losses trained (train.config.with_losses syntax)
+    "full (global+sentence+word)": "global,sent,word",
+    "global+sentence (GLoRIA-like)": "global,sent",
+    "global only (ConVIRT-like)": "global",
+}
+METRICS = ("miou", "dice", "cnr", "pointing", "auroc")
+
+
+@dataclass(frozen=True)
+class Budget:
+    n_images: int
+    plan: DemoPlan
+
+
+def budget(quick: bool) -> Budget:
+    if quick:
+        return Budget(60, replace(DemoPlan.quick(), max_steps=2))
+    full = DemoPlan.full()
+    return Budget(full.n_images, full)
+
+
+class RandomMapEngine:
+    """The random-map baseline: i.i.d. normal grids and scores, seeded, through the same localize pipeline."""
+
+    def __init__(self, n_prompts: int, grid: int, image_size: int, seed: int) -> None:
+        self.grid, self.image_size, self.level, self.precision = grid, image_size, "deep", "fp32"
+        self.cfg = small_config()
+        self.n_prompts = n_prompts
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, frames: torch.Tensor):
+        maps = torch.randn(frames.shape[0], self.n_prompts, self.grid, self.grid, generator=self.generator)
+        scores = torch.randn(frames.shape[0], self.n_prompts, generator=self.generator)
+        return type("RandomOutput", (), {"maps": maps, "scores": scores})()
+
+
+def random_baseline(corpus: Path, out: Path, image_size: int, seed: int, n_boot: int) -> dict[str, BenchmarkResult]:
+    grid = grid_sizes(small_config().image, image_size)["deep"]
+
+    def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
+        engine = RandomMapEngine(len(prompts), grid, image_size, seed)
+        run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts,  # type: ignore[arg-type]
+                     out=h5, checkpoint_sha256=f"random-maps-seed-{seed}", workers=0, overwrite=True, wanted=wanted)
+        return h5, f"random-maps-seed-{seed}"
+
+    contrast = run_benchmark("synthetic", corpus, out / "contrast", localize=localize, split="test",
+                             prompt_source="phrase", n_boot=n_boot, readout="contrast")
+    reference = run_benchmark("synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5",
+                              split="test", prompt_source="phrase", n_boot=n_boot, readout="reference")
+    return {"reference": reference, "contrast": contrast}
+
+
+def rows_of(result: BenchmarkResult, row: str, readout: str, seed: int, holdout: str) -> list[dict]:
+    """One row per finding kind, plus 'macro (seen)' and the held-out kind flagged."""
+    per_cat = result.per_category
+    auroc = {} if result.auroc is None else dict(zip(result.auroc["category"], result.auroc["auroc"], strict=True))
+    out = []
+    for r in per_cat.iter_rows(named=True):
+        out.append({"row": row, "readout": readout, "seed": seed, "kind": r["category"],
+                    "held_out": r["category"] == holdout, "n": r["n_items"], "miou": r["iou"], "dice": r["dice"],
+                    "cnr": r["cnr"], "pointing": r["pointing"], "auroc": auroc.get(r["category"])})
+    seen = [o for o in out if not o["held_out"]]
+    macro = {m: float(np.nanmean([o[m] if o[m] is not None else np.nan for o in seen])) for m in METRICS}
+    out.append({"row": row, "readout": readout, "seed": seed, "kind": "macro (seen kinds)", "held_out": False,
+                "n": sum(o["n"] for o in seen), **macro})
+    return out
+
+
+def summarize_seeds(table: pl.DataFrame) -> pl.DataFrame:
+    """Mean and standard deviation over seeds, per (row, readout, kind)."""
+    aggs = []
+    for m in METRICS:
+        aggs += [pl.col(m).mean().alias(m), pl.col(m).std(ddof=1).alias(f"{m}_sd")]
+    return (table.group_by(["row", "readout", "kind", "held_out"], maintain_order=True)
+            .agg(pl.len().alias("seeds"), *aggs))
+
+
+def markdown(summary: pl.DataFrame, kinds: str) -> str:
+    wanted = summary.filter(pl.col("kind") == kinds) if kinds != "all" else summary
+    lines = ["| row | readout | kind | seeds | mIoU | Dice | CNR | pointing | AUROC |", "|" + "---|" * 9]
+    for r in wanted.iter_rows(named=True):
+        cells = []
+        for m in METRICS:
+            v, sd = r[m], r[f"{m}_sd"]
+            cells.append("n/a" if v is None or v != v else f"{v:.3f}" + ("" if sd is None or sd != sd
+                                                                      else f" ± {sd:.3f}"))
+        lines.append(f"| {r['row']} | {r['readout']} | {r['kind']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny corpus, two steps per model: checks the chain only")
+    ap.add_argument("--bootstrap", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    console = Console(stderr=True)
+    b = budget(args.quick)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    from train.data import prepare_cache
+
+    corpus = out / "corpus"
+    summary = generate_corpus(corpus, SynthConfig(n=b.n_images, seed=0), workers=args.workers, overwrite=True)
+    holdout = next(k["category_name"] for k in json.loads((corpus / "synth.json").read_text())["kinds"]
+                   if k["key"] == summary.config.holdout)
+    cache = out / "cache"
+    prepare_cache(corpus / "manifest.csv", cache, size=b.plan.image_size, workers=args.workers)
+
+    rows: list[dict] = []
+    runs: list[dict] = []
+    for seed in range(1, args.seeds + 1):
+        for name, losses in VARIANTS.items():
+            console.rule(f"[bold]{name}, seed {seed}")
+            cfg = training_config(b.plan, seed=seed, losses=losses, workers=args.workers)
+            slug = losses.replace(",", "-")
+            t = time.perf_counter()
+            checkpoint, steps = pretrain(cache, out / "runs" / f"{slug}-seed{seed}", cfg, console, show_progress=False)
+            train_s = time.perf_counter() - t
+            results = evaluate(checkpoint, corpus, out / "bench" / f"{slug}-seed{seed}", n_boot=args.bootstrap)
+            runs.append({"row": name, "seed": seed, "steps": steps, "train_s": round(train_s, 1)})
+            for readout, result in results.items():
+                rows += rows_of(result, name, readout, seed, holdout)
+            console.print(f"{name}, seed {seed}: {steps} steps in {train_s:.0f} s")
+        # The untrained model of this seed's initialisation, and random maps.
+        cfg = training_config(b.plan, seed=seed)
+        torch.manual_seed(seed)
+        untrained = out / "runs" / f"untrained-seed{seed}.safetensors"
+        untrained.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(build_model(cfg.model).eval(), untrained)
+        for readout, result in evaluate(untrained, corpus, out / "bench" / f"untrained-seed{seed}",
+                                        n_boot=args.bootstrap).items():
+            rows += rows_of(result, "untrained", readout, seed, holdout)
+        for readout, result in random_baseline(corpus, out / "bench" / f"random-seed{seed}", b.plan.image_size, seed,
+                                               args.bootstrap).items():
+            rows += rows_of(result, "random maps", readout, seed, holdout)
+
+    table = pl.DataFrame(rows)
+    table.write_csv(out / "per_seed.csv")
+    summary_table = summarize_seeds(table)
+    summary_table.write_csv(out / "summary.csv")
+    wall = time.perf_counter() - started
+    meta = {
+        "command": "benchmarks/learning.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}",
+        "corpus": {"n": b.n_images, "seed": 0, "held_out_kind": holdout},
+        "plan": {k: v for k, v in b.plan.__dict__.items()},
+        "runs": runs,
+        "wall_s": round(wall, 1),
+    }
+    (out / "learning.json").write_text(json.dumps(meta, indent=2, default=list))
+    text = ["## macro over the seen kinds", markdown(summary_table, "macro (seen kinds)"),
+            f"## the held-out kind ({holdout}, never in a training report)", markdown(summary_table, holdout),
+            "## per kind", markdown(summary_table, "all")]
+    (out / "tables.md").write_text("\n\n".join(text) + "\n")
+    print("\n\n".join(text[:4]))
+    print(f"\nwall {wall / 60:.1f} min; per kind: {out / 'tables.md'}; runs: {json.dumps(runs)}")
+
+
+if __name__ == "__main__":
+    main()
