@@ -86,6 +86,17 @@ def _reference_word_units(model, text: str) -> torch.Tensor:
     return torch.stack(units)
 
 
+@given(n=st.integers(1, 8), seed=st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_sample_report_all_keeps_every_sentence(n, seed):
+    sentences = [[f"w{i}", f"x{i}"] for i in range(n)]
+    sampled = sample_report(sentences, random.Random(seed), "all")
+    assert sampled.n_sentences == n
+    assert sorted(w for w in sampled.words if w != PERIOD) == sorted(w for s in sentences for w in s)
+    with pytest.raises(ValueError):
+        sample_report(sentences, random.Random(seed), "most")
+
+
 def test_word_units_match_reference_aggregation(small_model):
     text = "Mild bibasilar atelectasis. Cardiomegaly is unchanged. Pneumothorax absent"
     prepared = prepare_report(text)

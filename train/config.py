@@ -10,6 +10,7 @@ from typing import Any
 
 from afloc_cli.config import ImageConfig, LossConfig, ModelConfig, TextConfig, small_config
 from afloc_cli.errors import AflocError
+from afloc_cli.text.data.sentences import REPORT_SAMPLING
 
 
 @dataclass
@@ -39,6 +40,8 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     val_batches: int = 20
     local_chunk: int | None = None  # local-loss chunk size (None: the loss module's default)
+    # "subset": each step sees a random 1..n-1 of a report's sentences (the reference); "all": every sentence
+    report_sampling: str = "subset"
     freeze_text: bool = False  # the text encoder is fixed (eval mode) and its features are cached
     text_cache_mb: int = 1024  # bound on those cached features (per process)
 
@@ -101,9 +104,14 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     if unknown:
         raise AflocError(f"unknown training settings: {sorted(unknown)}")
     try:
-        return TrainConfig(model=model, optim=OptimConfig(**optim_values), **data)
+        cfg = TrainConfig(model=model, optim=OptimConfig(**optim_values), **data)
     except TypeError as exc:
         raise AflocError(f"bad training setting: {exc}") from exc
+    if cfg.report_sampling not in REPORT_SAMPLING:
+        raise AflocError(f"report_sampling must be one of {', '.join(REPORT_SAMPLING)}, not {cfg.report_sampling!r}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise AflocError(f"precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}")
+    return cfg
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None, preset: str | None = None) -> TrainConfig:

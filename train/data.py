@@ -230,9 +230,10 @@ class SplitStats:
 class PretrainDataset(Dataset):
     """(frame, sampled report) pairs of one split; items whose report or image is unusable are skipped."""
 
-    def __init__(self, cache: FrameCache, split: str, seed: int) -> None:
+    def __init__(self, cache: FrameCache, split: str, seed: int, report_sampling: str = "subset") -> None:
         self.cache = cache
         self.seed = seed
+        self.report_sampling = report_sampling
         self.epoch = 0
         records = cache.records
         self.indices: list[int] = []
@@ -258,7 +259,7 @@ class PretrainDataset(Dataset):
     def text_for(self, i: int, epoch: int) -> PreparedText:
         """Deterministic in (seed, epoch, item): a resumed run samples exactly the same texts."""
         rng = random.Random(f"{self.seed}:{epoch}:{self.indices[i]}")
-        return sample_report(self.sentences[i], rng)
+        return sample_report(self.sentences[i], rng, self.report_sampling)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, PreparedText]:
         i, epoch = key

@@ -166,8 +166,8 @@ class Trainer:
                 p.requires_grad_(False)
             self.text_features = FrozenTextFeatures(self.model.text_encoder, self.device,
                                                     max_bytes=cfg.text_cache_mb << 20)
-        self.train_set = PretrainDataset(cache, "train", cfg.seed)
-        self.val_set = PretrainDataset(cache, "val", cfg.seed)
+        self.train_set = PretrainDataset(cache, "train", cfg.seed, cfg.report_sampling)
+        self.val_set = PretrainDataset(cache, "val", cfg.seed, cfg.report_sampling)
         if len(self.train_set) < cfg.batch_size:
             raise AflocError(
                 f"the train split has {len(self.train_set)} usable pairs, fewer than one batch of {cfg.batch_size}",

@@ -91,13 +91,22 @@ def prepare_prompt(text: str) -> PreparedText:
     return join_sentences(sentences, periods=False, kept_short=kept_short)
 
 
-def sample_report(sentences: list[list[str]], rng: random.Random) -> PreparedText:
+REPORT_SAMPLING = ("subset", "all")
+
+
+def sample_report(sentences: list[list[str]], rng: random.Random, mode: str = "subset") -> PreparedText:
     """Training-time sampling: a random subset of 1..n-1 sentences (all when n = 1), shuffled.
 
-    Matches the reference's `random_combine_mode 1` with `random_num`: numpy's
+    "subset" matches the reference's `random_combine_mode 1` with `random_num`: numpy's
     randint(1, n) draws 1..n-1 sentences, chosen without replacement in random order.
+    "all" keeps every sentence, in random order: no pair loses the sentence that names
+    its finding, which matters on a small corpus and budget (benchmarks/RESULTS.md).
     """
     n = len(sentences)
+    if mode == "all":
+        return join_sentences([sentences[i] for i in rng.sample(range(n), n)], periods=True)
+    if mode != "subset":
+        raise ValueError(f"report sampling must be one of {', '.join(REPORT_SAMPLING)}, not {mode!r}")
     if n <= 1:
         return join_sentences(sentences, periods=True)
     k = rng.randint(1, n - 1)
