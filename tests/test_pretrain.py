@@ -258,3 +258,23 @@ def test_frozen_text_training_keeps_the_encoder_in_eval_mode(cache, tmp_path):
     assert trainer.text_features is not None and trainer.text_features.misses > 0
     after = trainer.model.text_encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_text_learning_rate_group(cache, tmp_path):
+    trainer = Trainer(_cfg("optim.lr=1e-3", "optim.text_lr=1e-5"), FrameCache(cache), tmp_path / "lr")
+    image_group, text_group = trainer.optimizer.param_groups
+    assert image_group["lr"] == 1e-3 and text_group["lr"] == 1e-5
+    text_ids = {id(p) for p in trainer.model.text_encoder.parameters()}
+    assert {id(p) for p in text_group["params"]} == text_ids
+    assert not text_ids & {id(p) for p in image_group["params"]}
+    frozen = Trainer(_cfg("freeze_text=true", "optim.text_lr=1e-5"), FrameCache(cache), tmp_path / "lr2")
+    assert len(frozen.optimizer.param_groups) == 1  # nothing of the text side is trained
+
+
+def test_report_sampling_setting(cache, tmp_path):
+    trainer = Trainer(_cfg("report_sampling=all"), FrameCache(cache), tmp_path / "rs")
+    ds = trainer.train_set
+    for i in range(len(ds)):
+        assert ds.text_for(i, 0).n_sentences == len(ds.sentences[i])
+    with pytest.raises(AflocError):
+        _cfg("report_sampling=some")

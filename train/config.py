@@ -23,6 +23,7 @@ class OptimConfig:
     step_gamma: float = 0.9  # StepLR, stepped once per epoch
     grad_clip: float = 0.25
     accumulate: int = 1  # gradient accumulation steps per optimizer step
+    text_lr: float | None = None  # the text encoder's learning rate (None: lr, as the reference)
 
 
 @dataclass

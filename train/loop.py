@@ -179,9 +179,14 @@ class Trainer:
             self.forward = nn.parallel.DistributedDataParallel(
                 self.forward, device_ids=ids, find_unused_parameters=True
             )
-        params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        text_ids = {id(p) for p in self.model.text_encoder.parameters()}
+        image_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in text_ids]
+        text_params = [p for p in self.model.text_encoder.parameters() if p.requires_grad]
+        groups = [{"params": image_params}]
+        if text_params:  # a pretrained text model usually wants a smaller step than the image side from scratch
+            groups.append({"params": text_params, "lr": o.lr if o.text_lr is None else o.text_lr})
+        self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=o.step_gamma)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
         self.state = TrainState()
