@@ -41,7 +41,8 @@ class TrainConfig:
     val_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     val_batches: int = 20
     local_chunk: int | None = None  # local-loss chunk size (None: the loss module's default)
-    # "subset": each step sees a random 1..n-1 of a report's sentences (the reference); "all": every sentence
+    # "subset": each step sees a random 1..n-1 of a report's sentences, shuffled (the reference); "all": the
+    # whole report
     report_sampling: str = "subset"
     freeze_text: bool = False  # the text encoder is fixed (eval mode) and its features are cached
     text_cache_mb: int = 1024  # bound on those cached features (per process)

@@ -99,12 +99,14 @@ def sample_report(sentences: list[list[str]], rng: random.Random, mode: str = "s
 
     "subset" matches the reference's `random_combine_mode 1` with `random_num`: numpy's
     randint(1, n) draws 1..n-1 sentences, chosen without replacement in random order.
-    "all" keeps every sentence, in random order: no pair loses the sentence that names
-    its finding, which matters on a small corpus and budget (benchmarks/RESULTS.md).
+    "all" keeps every sentence in the report's order: no pair loses the sentence that
+    names its finding, which matters on a small corpus and budget, and each report's
+    text is then fixed, so a frozen text encoder's features are computed once
+    (benchmarks/RESULTS.md, "Demo learning").
     """
     n = len(sentences)
     if mode == "all":
-        return join_sentences([sentences[i] for i in rng.sample(range(n), n)], periods=True)
+        return join_sentences(sentences, periods=True)
     if mode != "subset":
         raise ValueError(f"report sampling must be one of {', '.join(REPORT_SAMPLING)}, not {mode!r}")
     if n <= 1:
