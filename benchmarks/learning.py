@@ -53,10 +53,11 @@ class Budget:
 
 
 def budget(quick: bool) -> Budget:
+    """The demo's recipe on a larger corpus and a longer schedule: 2,000 images (1,400 train), 14 epochs of
+    batch 16 (1,218 steps; the demo: 735), every row the same data and steps."""
     if quick:
         return Budget(60, replace(DemoPlan.quick(), max_steps=2))
-    full = DemoPlan.full()
-    return Budget(full.n_images, full)
+    return Budget(2000, replace(DemoPlan.full(), n_images=2000))
 
 
 class RandomMapEngine:
