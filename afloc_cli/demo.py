@@ -93,6 +93,17 @@ def pretrain(cache: Path, run_dir: Path, cfg, console: Console, *, show_progress
     return run_dir / "model.safetensors", state.step
 
 
+def untrained_checkpoint(cfg, path: Path) -> Path:
+    """The model `pretrain` starts from (the trainer seeds torch with cfg.seed before building it), saved."""
+    from afloc_cli.checkpoint.io import save_checkpoint
+    from afloc_cli.vlp.model import build_model
+
+    torch.manual_seed(cfg.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(build_model(cfg.model).eval(), path)
+    return path
+
+
 def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200) -> dict[str, BenchmarkResult]:
     """Benchmark the test split with both readouts; one localization serves both (the contrast run
     localizes every category's template prompt too)."""
@@ -127,7 +138,8 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
     timings["prepare"] = time.perf_counter() - t
 
     t = _step(console, "3/5 pretrain (global + sentence + word losses, no boxes)")
-    checkpoint, steps = pretrain(cache, out / "run", training_config(plan, workers=workers), console)
+    cfg = training_config(plan, workers=workers)
+    checkpoint, steps = pretrain(cache, out / "run", cfg, console)
     timings["pretrain"] = time.perf_counter() - t
     console.print(f"checkpoint: {checkpoint} ({steps} steps)")
 
@@ -148,6 +160,9 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
 
     t = _step(console, "5/5 benchmark against the synthetic ground truth (AFLoc protocol), both readouts")
     results = evaluate(checkpoint, corpus, out / "benchmark")
+    # The same model before training (same seed, same initialisation): what training added.
+    untrained = untrained_checkpoint(cfg, out / "untrained.safetensors")
+    baseline = evaluate(untrained, corpus, out / "benchmark-untrained")
     timings["benchmark"] = time.perf_counter() - t
     g = grid_sizes(model.cfg.image, model.cfg.preprocess.image_size)
     report = {
@@ -157,6 +172,7 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
         "benchmark": str(out / "benchmark"),
         "grid": g["deep"],
         "readouts": {name: _metrics(result) for name, result in results.items()},
+        "untrained": {name: _metrics(result) for name, result in baseline.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     report.update(report["readouts"]["reference"])  # the paper's readout, also at the top level

@@ -30,13 +30,11 @@ import torch
 from rich.console import Console
 
 from afloc_cli.benchmark.runner import BenchmarkResult, run_benchmark
-from afloc_cli.checkpoint.io import save_checkpoint
 from afloc_cli.config import small_config
-from afloc_cli.demo import DemoPlan, evaluate, pretrain, training_config
+from afloc_cli.demo import DemoPlan, evaluate, pretrain, training_config, untrained_checkpoint
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
-from afloc_cli.vlp.model import build_model
 
 VARIANTS = {  # name -> the losses trained (train.config.with_losses syntax)
     "full (global+sentence+word)": "global,sent,word",
@@ -169,11 +167,8 @@ def main() -> None:
                 rows += rows_of(result, name, readout, seed, holdout)
             console.print(f"{name}, seed {seed}: {steps} steps in {train_s:.0f} s")
         # The untrained model of this seed's initialisation, and random maps.
-        cfg = training_config(b.plan, seed=seed)
-        torch.manual_seed(seed)
-        untrained = out / "runs" / f"untrained-seed{seed}.safetensors"
-        untrained.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(build_model(cfg.model).eval(), untrained)
+        untrained = untrained_checkpoint(training_config(b.plan, seed=seed),
+                                         out / "runs" / f"untrained-seed{seed}.safetensors")
         for readout, result in evaluate(untrained, corpus, out / "bench" / f"untrained-seed{seed}",
                                         n_boot=args.bootstrap).items():
             rows += rows_of(result, "untrained", readout, seed, holdout)

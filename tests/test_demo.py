@@ -17,9 +17,10 @@ def test_quick_demo_writes_every_output(tmp_path, capsys):
     with HeatmapFile.open(out / "test_heatmaps.h5") as hf:
         assert hf.attrs["readout"] == "contrast" and hf.n_prompts == 7 and hf.n_images > 0
     for readout in ("reference", "contrast"):
-        values = report["readouts"][readout]
-        assert set(values) == {"miou", "dice", "cnr", "pointing", "auroc"}
-        assert all(v is not None and math.isfinite(v) for v in values.values()), values
+        for key in ("readouts", "untrained"):  # the trained model and the same model before training
+            values = report[key][readout]
+            assert set(values) == {"miou", "dice", "cnr", "pointing", "auroc"}
+            assert all(v is not None and math.isfinite(v) for v in values.values()), values
         assert (out / "benchmark" / readout / "summary.csv").is_file()
         protocol = json.loads((out / "benchmark" / readout / "protocol.json").read_text())
         assert protocol["readout"] == readout
