@@ -181,6 +181,20 @@ def test_pretrain_cli(cache, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2
     assert run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--set", "preset=small"]) == 2
+    # Training flushes subnormals for speed; the process gets IEEE behaviour back afterwards.
+    assert float(torch.tensor([1e-40]).mul(1.0).item()) != 0.0
+
+
+def test_flush_denormals_is_scoped():
+    from kernels.cpu import flush_denormals
+
+    subnormal = torch.tensor([1e-40], dtype=torch.float32)
+    with flush_denormals():
+        assert float(subnormal.mul(1.0).item()) == 0.0
+        with flush_denormals():
+            pass
+        assert float(subnormal.mul(1.0).item()) == 0.0  # the inner block restores "on"
+    assert float(subnormal.mul(1.0).item()) != 0.0
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(cache, tmp_path):
