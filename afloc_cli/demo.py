@@ -21,7 +21,7 @@ from afloc_cli.checkpoint.io import load_checkpoint, sha256_file
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
-from afloc_cli.vlp.inference_engine import LocalizationEngine
+from afloc_cli.vlp.inference_engine import Level, LocalizationEngine
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,13 @@ def untrained_checkpoint(cfg, path: Path) -> Path:
     return path
 
 
-def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200) -> dict[str, BenchmarkResult]:
+def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200,
+             level: Level = "deep") -> dict[str, BenchmarkResult]:
     """Benchmark the test split with both readouts; one localization serves both (the contrast run
-    localizes every category's template prompt too)."""
+    localizes every category's template prompt too). `level` picks the map (deep: the paper's)."""
     model = load_checkpoint(checkpoint)
     contrast = run_benchmark(
-        "synthetic", corpus, out / "contrast", localize=_localizer(model, checkpoint), split="test",
+        "synthetic", corpus, out / "contrast", localize=_localizer(model, checkpoint, level), split="test",
         prompt_source="phrase", n_boot=n_boot, readout="contrast",
     )
     reference = run_benchmark(
@@ -160,6 +161,9 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
 
     t = _step(console, "5/5 benchmark against the synthetic ground truth (AFLoc protocol), both readouts")
     results = evaluate(checkpoint, corpus, out / "benchmark")
+    # The fused deep + shallow map (an extension beyond the paper's deep map) is where the word-level
+    # loss shows: benchmarks/RESULTS.md, "Learning benchmark".
+    fused = evaluate(checkpoint, corpus, out / "benchmark-fused", level="fused")
     # The same model before training (same seed, same initialisation): what training added.
     untrained = untrained_checkpoint(cfg, out / "untrained.safetensors")
     baseline = evaluate(untrained, corpus, out / "benchmark-untrained")
@@ -172,6 +176,7 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
         "benchmark": str(out / "benchmark"),
         "grid": g["deep"],
         "readouts": {name: _metrics(result) for name, result in results.items()},
+        "fused": {name: _metrics(result) for name, result in fused.items()},
         "untrained": {name: _metrics(result) for name, result in baseline.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -189,9 +194,9 @@ def _metrics(result: BenchmarkResult) -> dict[str, float | None]:
             "pointing": values.get("pointing"), "auroc": auroc}
 
 
-def _localizer(model, checkpoint: Path):
+def _localizer(model, checkpoint: Path, level: Level = "deep"):
     def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
-        engine = LocalizationEngine(model, prompts, device=torch.device("cpu"))
+        engine = LocalizationEngine(model, prompts, device=torch.device("cpu"), level=level)
         sha = sha256_file(checkpoint)
         run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
                      checkpoint_sha256=sha, workers=0, overwrite=True, wanted=wanted)

@@ -11,6 +11,7 @@ figures (mean and spread over the seeds), with the held-out kind apart.
 
     .venv/bin/python benchmarks/learning.py --out /tmp/learning            # the recorded run (see RESULTS.md)
     .venv/bin/python benchmarks/learning.py --out /tmp/l --quick           # a smoke run of the whole chain
+    .venv/bin/python benchmarks/learning.py --out /tmp/learning --reuse-runs   # re-score, no training
 
 Results are recorded in benchmarks/RESULTS.md ("Learning benchmark").
 """
@@ -42,6 +43,9 @@ VARIANTS = {  # name -> the losses trained (train.config.with_losses syntax)
     "global only (ConVIRT-like)": "global",
 }
 METRICS = ("miou", "dice", "cnr", "pointing", "auroc")
+# The full model's other maps (extensions beyond the paper's deep map): the shallow map is where the
+# word-level loss acts directly; the deep map only feels it through the shared backbone.
+EXTRA_LEVELS = {"shallow": "full, shallow map (words)", "fused": "full, fused map"}
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,13 @@ def rows_of(result: BenchmarkResult, row: str, readout: str, seed: int, holdout:
     return out
 
 
+def _steps_trained(run_dir: Path) -> int:
+    """Optimizer steps of an earlier run, from its metrics.csv (one row per step)."""
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return max(int(line.split(",")[header.index("step")]) for line in lines[1:])
+
+
 def summarize_seeds(table: pl.DataFrame) -> pl.DataFrame:
     """Mean and standard deviation over seeds, per (row, readout, kind)."""
     aggs = []
@@ -134,6 +145,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny corpus, two steps per model: checks the chain only")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="re-score the models an earlier run of this script trained under --out (same plan) "
+                         "instead of training them again")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(stderr=True)
@@ -158,14 +172,23 @@ def main() -> None:
             console.rule(f"[bold]{name}, seed {seed}")
             cfg = training_config(b.plan, seed=seed, losses=losses, workers=args.workers)
             slug = losses.replace(",", "-")
+            run_dir = out / "runs" / f"{slug}-seed{seed}"
             t = time.perf_counter()
-            checkpoint, steps = pretrain(cache, out / "runs" / f"{slug}-seed{seed}", cfg, console, show_progress=False)
-            train_s = time.perf_counter() - t
+            if args.reuse_runs and (run_dir / "model.safetensors").is_file():
+                checkpoint, steps, train_s = run_dir / "model.safetensors", _steps_trained(run_dir), None
+            else:
+                checkpoint, steps = pretrain(cache, run_dir, cfg, console, show_progress=False)
+                train_s = round(time.perf_counter() - t, 1)
             results = evaluate(checkpoint, corpus, out / "bench" / f"{slug}-seed{seed}", n_boot=args.bootstrap)
-            runs.append({"row": name, "seed": seed, "steps": steps, "train_s": round(train_s, 1)})
+            runs.append({"row": name, "seed": seed, "steps": steps, "train_s": train_s})
             for readout, result in results.items():
                 rows += rows_of(result, name, readout, seed, holdout)
-            console.print(f"{name}, seed {seed}: {steps} steps in {train_s:.0f} s")
+            if "word" in losses:
+                for level, row in EXTRA_LEVELS.items():
+                    for readout, result in evaluate(checkpoint, corpus, out / "bench" / f"{slug}-{level}-seed{seed}",
+                                                    n_boot=args.bootstrap, level=level).items():  # type: ignore[arg-type]
+                        rows += rows_of(result, row, readout, seed, holdout)
+            console.print(f"{name}, seed {seed}: {steps} steps" + ("" if train_s is None else f" in {train_s:.0f} s"))
         # The untrained model of this seed's initialisation, and random maps.
         untrained = untrained_checkpoint(training_config(b.plan, seed=seed),
                                          out / "runs" / f"untrained-seed{seed}.safetensors")

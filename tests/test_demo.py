@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from afloc_cli.cli import run
 from afloc_cli.heatmaps.store import HeatmapFile
@@ -17,10 +18,38 @@ def test_quick_demo_writes_every_output(tmp_path, capsys):
     with HeatmapFile.open(out / "test_heatmaps.h5") as hf:
         assert hf.attrs["readout"] == "contrast" and hf.n_prompts == 7 and hf.n_images > 0
     for readout in ("reference", "contrast"):
-        for key in ("readouts", "untrained"):  # the trained model and the same model before training
+        for key in ("readouts", "fused", "untrained"):  # trained (deep and fused maps), the model before training
             values = report[key][readout]
             assert set(values) == {"miou", "dice", "cnr", "pointing", "auroc"}
             assert all(v is not None and math.isfinite(v) for v in values.values()), values
         assert (out / "benchmark" / readout / "summary.csv").is_file()
         protocol = json.loads((out / "benchmark" / readout / "protocol.json").read_text())
         assert protocol["readout"] == readout
+
+
+def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
+    """benchmarks/learning.py end to end on a tiny budget, then --reuse-runs re-scores without training."""
+    import subprocess
+    import sys
+
+    import polars as pl
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "learning"
+    cmd = [sys.executable, str(repo / "benchmarks" / "learning.py"), "--out", str(out), "--quick", "--seeds", "1",
+           "--bootstrap", "5", "--workers", "0"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=repo)
+    table = pl.read_csv(out / "per_seed.csv")
+    rows = set(table["row"])
+    assert rows == {"full (global+sentence+word)", "global+sentence (GLoRIA-like)", "global only (ConVIRT-like)",
+                    "full, shallow map (words)", "full, fused map", "untrained", "random maps"}
+    assert set(table["readout"]) == {"reference", "contrast"}
+    held_out = json.loads((out / "learning.json").read_text())["corpus"]["held_out_kind"]
+    assert table.filter(pl.col("held_out"))["kind"].unique().to_list() == [held_out]
+    model = out / "runs" / "global-sent-word-seed1" / "model.safetensors"
+    before = model.stat().st_mtime_ns
+    subprocess.run([*cmd, "--reuse-runs"], check=True, capture_output=True, cwd=repo)
+    assert model.stat().st_mtime_ns == before  # not trained again
+    runs = json.loads((out / "learning.json").read_text())["runs"]
+    assert all(r["train_s"] is None and r["steps"] == 2 for r in runs)
+    assert pl.read_csv(out / "per_seed.csv").height == table.height

@@ -25,16 +25,18 @@ def demo_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"demo: synthetic test split, AFLoc protocol, {report['grid']}x{report['grid']} grid")
+    table = Table(title=f"demo: synthetic test split, AFLoc protocol, {report['grid']}x{report['grid']} deep grid")
     for col in ("model", "readout", "mIoU", "Dice", "CNR", "pointing", "AUROC"):
         table.add_column(col)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for model, key in (("trained", "readouts"), ("untrained", "untrained")):
+    for model, key in (("trained", "readouts"), ("trained, fused map", "fused"), ("untrained", "untrained")):
         for name, values in report[key].items():
             table.add_row(model, name, *(fmt(values[k]) for k in ("miou", "dice", "cnr", "pointing", "auroc")))
     console.print(table)
-    console.print("readouts: reference = each phrase's own map (the paper's); contrast = against the other "
-                  "findings' maps. CNR is signed; AUROC is zero-shot presence (finding vs 'No finding.' prompt).")
+    console.print("maps: the deep (sentence-level) map, the paper's, unless 'fused map' (deep + shallow word-level "
+                  "map, an extension). readouts: reference = each phrase's own map (the paper's); contrast = "
+                  "against the other findings' maps. CNR is signed; AUROC is zero-shot presence (finding vs "
+                  "'No finding.' prompt).")
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")
     console.print(f"timings (s): {report['timings_s']}")
