@@ -111,9 +111,7 @@ def rows_of(result: BenchmarkResult, row: str, readout: str, seed: int, holdout:
 
 def _steps_trained(run_dir: Path) -> int:
     """Optimizer steps of an earlier run, from its metrics.csv (one row per step)."""
-    lines = (run_dir / "metrics.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    return max(int(line.split(",")[header.index("step")]) for line in lines[1:])
+    return int(pl.read_csv(run_dir / "metrics.csv")["step"].max())
 
 
 def summarize_seeds(table: pl.DataFrame) -> pl.DataFrame:

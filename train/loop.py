@@ -34,6 +34,7 @@ from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
 from afloc_cli.text.data.sentences import PreparedText
 from afloc_cli.vlp.model import AflocModel, build_model
+from kernels.cpu import flush_denormals
 from train.config import TrainConfig
 from train.data import FrameCache, PretrainDataset, batches_for_rank
 from train.distributed import DistInfo, gather, gather_padded
@@ -292,6 +293,7 @@ class Trainer:
                 writer.writerows(keep)
         return path
 
+    @flush_denormals()  # scoped: the process gets IEEE subnormals back afterwards
     def fit(self, on_step: Callable[[dict[str, float]], None] | None = None) -> TrainState:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
