@@ -12,6 +12,7 @@ figures (mean and spread over the seeds), with the held-out kind apart.
     .venv/bin/python benchmarks/learning.py --out /tmp/learning            # the recorded run (see RESULTS.md)
     .venv/bin/python benchmarks/learning.py --out /tmp/l --quick           # a smoke run of the whole chain
     .venv/bin/python benchmarks/learning.py --out /tmp/learning --reuse-runs   # re-score, no training
+    .venv/bin/python benchmarks/learning.py --out /tmp/learning2x --epochs 28 --set optim.step_gamma=0.949
 
 Results are recorded in benchmarks/RESULTS.md ("Learning benchmark").
 """
@@ -54,12 +55,15 @@ class Budget:
     plan: DemoPlan
 
 
-def budget(quick: bool) -> Budget:
+def budget(quick: bool, epochs: int | None = None, overrides: tuple[str, ...] = ()) -> Budget:
     """The demo's recipe on a larger corpus and a longer schedule: 2,000 images (1,400 train), 14 epochs of
-    batch 16 (1,218 steps; the demo: 735), every row the same data and steps."""
+    batch 16 (1,218 steps; the demo: 735), every row the same data and steps. `epochs` and `overrides`
+    (training --set syntax) change the schedule for every row alike."""
     if quick:
-        return Budget(60, replace(DemoPlan.quick(), max_steps=2))
-    return Budget(2000, replace(DemoPlan.full(), n_images=2000))
+        plan = replace(DemoPlan.quick(), max_steps=2)
+        return Budget(60, replace(plan, overrides=(*plan.overrides, *overrides)))
+    plan = replace(DemoPlan.full(), n_images=2000)
+    return Budget(2000, replace(plan, epochs=epochs or plan.epochs, overrides=(*plan.overrides, *overrides)))
 
 
 class RandomMapEngine:
@@ -143,13 +147,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny corpus, two steps per model: checks the chain only")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=None, help="epochs for every row (default: the plan's 14)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a training override for every row, KEY=VALUE (e.g. optim.step_gamma=0.949)")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="re-score the models an earlier run of this script trained under --out (same plan) "
                          "instead of training them again")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(stderr=True)
-    b = budget(args.quick)
+    b = budget(args.quick, args.epochs, tuple(args.overrides))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -132,3 +132,61 @@ def test_chexlocalize_human_benchmark_row(tmp_path):
     assert (tmp_path / "out" / "human_summary.csv").is_file()
     model = {r["metric"]: r["value"] for r in result.summary.to_dicts()}
     assert model["pointing"] == 1.0 and model["iou"] < human["iou"]
+
+
+def _scores_file(corpus: Path, h5: Path, negative_follows_positive: bool, offset_sd: float = 3.0) -> list[str]:
+    """Every test image, every category's template and negative prompt; scores built from the labels.
+
+    Each image's template scores share one per-image offset (what every prompt lights up) and the truth
+    adds 0.5 to the categories present; the negative prompt either copies the template score (a text
+    model that cannot tell "No x." from "x") or is its mirror image.
+    """
+    items, _ = read_dataset("synthetic", corpus, split="test")
+    items = fill_sizes(select_items(items, "phrase", "Findings suggesting {category}.", None))
+    categories = sorted({it.category for it in items})
+    paths = list(dict.fromkeys(str(it.image_path) for it in items))
+    prompts = [f"Findings suggesting {c}." for c in categories] + [f"No {c.lower()}." for c in categories]
+    phrases = list(dict.fromkeys(it.prompt for it in items if it.positive and it.prompt not in prompts))
+    rng = np.random.default_rng(0)
+    offset = rng.normal(0, offset_sd, len(paths))
+    k = len(categories)
+    scores = np.zeros((len(paths), 2 * k + len(phrases)), np.float32)
+    scores[:, :k] = offset[:, None]
+    for it in items:
+        if it.positive:
+            scores[paths.index(str(it.image_path)), categories.index(it.category)] += 0.5
+    scores[:, k:2 * k] = scores[:, :k] if negative_follows_positive else -scores[:, :k]
+    grid = 19
+    maps = rng.normal(size=(len(paths), scores.shape[1], grid, grid)).astype(np.float32)
+    records = []
+    for path in paths:
+        h, w = read_image_size(path)
+        records.append(ImageRecord(path=path, height=h, width=w,
+                                   letterbox=Letterbox.for_shape(h, w, 224).to_dict(), reader={}))
+    writer = HeatmapWriter(h5, paths=paths, prompts=prompts + phrases, grid=grid,
+                           attrs={"checkpoint_sha256": "made-up", "heatmap_config": json.dumps({"sigma": 1.5})})
+    writer.write_batch(list(range(len(paths))), maps, scores, records)
+    writer.finalize()
+    return categories
+
+
+def test_zero_shot_score_follows_the_readout(corpus, tmp_path):
+    """reference: the paper's two-way softmax against 'No {finding}.'; contrast: against the other findings."""
+    categories = _scores_file(corpus, tmp_path / "blind.h5", negative_follows_positive=True)
+    assert len(categories) >= 2
+    ref = run_benchmark("synthetic", corpus, tmp_path / "ref", heatmaps=tmp_path / "blind.h5", split="test",
+                        n_boot=20, readout="reference")
+    con = run_benchmark("synthetic", corpus, tmp_path / "con", heatmaps=tmp_path / "blind.h5", split="test",
+                        n_boot=20, readout="contrast")
+    macro = {name: float(r.auroc.filter(pl.col("category") == "macro")["auroc"][0])
+             for name, r in (("reference", ref), ("contrast", con))}
+    # A negative prompt scored like the positive one: every softmax is 1/2, the reference readout is blind.
+    assert macro["reference"] == pytest.approx(0.5)
+    # The contrast score cancels the per-image offset and keeps the truth (ties only between two positives).
+    assert macro["contrast"] > 0.95
+    assert json.loads((tmp_path / "con" / "protocol.json").read_text())["zero_shot"].startswith("global")
+    # A text model that mirrors "No x." away from "x", no shared offset: the reference readout sees the truth.
+    _scores_file(corpus, tmp_path / "mirror.h5", negative_follows_positive=False, offset_sd=0.0)
+    mirror = run_benchmark("synthetic", corpus, tmp_path / "mirror", heatmaps=tmp_path / "mirror.h5", split="test",
+                           n_boot=20, readout="reference")
+    assert float(mirror.auroc.filter(pl.col("category") == "macro")["auroc"][0]) > 0.95

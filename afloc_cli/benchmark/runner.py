@@ -48,6 +48,30 @@ PAPER = {
 }
 NEGATIVE_TEMPLATE = "No {category}."
 READOUTS = ("reference", "contrast")
+ZERO_SHOT = {
+    "reference": "two-way softmax (x10) of the global image-text cosine of the category's template prompt "
+                 f"against {NEGATIVE_TEMPLATE!r} (the reference's zero-shot classification)",
+    "contrast": "global image-text cosine of the category's template prompt minus its mean over the other "
+                "categories' template prompts on the same image",
+}
+
+
+def zero_shot_score(image_scores: np.ndarray, category: str, categories: list[str], file_prompts: dict[str, int],
+                    prompt_template: str, readout: str) -> float:
+    """The image-level presence score of `category` from one image's prompt scores (cosines), per ZERO_SHOT.
+
+    The reference's negative prompt only separates what the text model separates: a general-purpose
+    sentence model puts "No pneumothorax." next to "pneumothorax", so the softmax can cancel what the
+    image side learned (benchmarks/RESULTS.md, "Zero-shot scores"). The contrast readout asks instead
+    which finding's prompt the image is closest to, as it does for the maps.
+    """
+    own = float(image_scores[file_prompts[prompt_template.format(category=category)]])
+    if readout == "contrast":
+        others = [float(image_scores[file_prompts[prompt_template.format(category=c)]])
+                  for c in categories if c != category]
+        return own - float(np.mean(others))
+    negative = float(image_scores[file_prompts[NEGATIVE_TEMPLATE.format(category=category.lower())]])
+    return float(torch.softmax(torch.tensor([own, negative]) * 10.0, 0)[0])
 
 
 @dataclass
@@ -175,12 +199,17 @@ def run_benchmark(
                              path=heatmaps)
         scores = hf.scores()
         if has_negatives:
+            templates = (prompt_template,) if readout == "contrast" else (prompt_template, NEGATIVE_TEMPLATE)
             needed = {t.format(category=c if t == prompt_template else c.lower())
-                      for c in categories for t in (prompt_template, NEGATIVE_TEMPLATE)}
-            if not needed <= set(file_prompts):
+                      for c in categories for t in templates}
+            if readout == "contrast" and len(categories) < 2:
+                has_negatives = False
+                notes.append("zero-shot AUROC skipped: the contrast readout compares a category's score with "
+                             "the other categories', and this dataset has one category")
+            elif not needed <= set(file_prompts):
                 has_negatives = False
                 notes.append("zero-shot AUROC skipped: the heat-map file lacks the template prompts "
-                             f"({prompt_template!r} and {NEGATIVE_TEMPLATE!r} per category)")
+                             f"({' and '.join(repr(t) for t in templates)} per category)")
         for it in items:
             if not it.positive and not has_negatives:
                 continue
@@ -194,11 +223,8 @@ def run_benchmark(
                 notes.append(f"{it.image_path}: not scored ({record.error})")
                 continue
             if has_negatives:
-                pos = file_prompts[prompt_template.format(category=it.category)]
-                neg = file_prompts[NEGATIVE_TEMPLATE.format(category=it.category.lower())]
-                logits = torch.tensor([scores[i, pos], scores[i, neg]]) * 10.0
-                score_rows.append({**base, "positive": it.positive,
-                                   "score": float(torch.softmax(logits, 0)[0])})
+                score = zero_shot_score(scores[i], it.category, categories, file_prompts, prompt_template, readout)
+                score_rows.append({**base, "positive": it.positive, "score": score})
             if not it.positive:
                 continue
             lb = Letterbox(**record.letterbox)
@@ -241,6 +267,7 @@ def run_benchmark(
         "contrast": (None if readout == "reference" else
                      "raw grid of the item's prompt minus the mean raw grid of the other categories' template "
                      f"prompts ({prompt_template!r}) on the same image, before smoothing"),
+        "zero_shot": None if not has_negatives else ZERO_SHOT[readout],
         "prompt_source": prompt_source,
         "prompt_template": prompt_template,
         "negative_template": NEGATIVE_TEMPLATE if has_negatives else None,

@@ -80,8 +80,9 @@ def benchmark_command(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
     text_model: str | None = typer.Option(None, "--text-model", help="Text model folder for a reference .ckpt."),
     output_format: str = typer.Option("table", "--format", help="table, json or csv (the summary on stdout)."),
-    readout: str = typer.Option("reference", "--readout", help="reference (each prompt's own map, the paper's) or "
-                                "contrast (against the other categories' prompts; needs two or more)."),
+    readout: str = typer.Option("reference", "--readout", help="reference (the paper's: each prompt's own map; "
+                                "AUROC from the prompt against 'No {finding}.') or contrast (maps and AUROC "
+                                "scores against the other categories' prompts; needs two or more)."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np

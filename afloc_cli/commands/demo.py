@@ -34,9 +34,9 @@ def demo_command(
             table.add_row(model, name, *(fmt(values[k]) for k in ("miou", "dice", "cnr", "pointing", "auroc")))
     console.print(table)
     console.print("maps: the deep (sentence-level) map, the paper's, unless 'fused map' (deep + shallow word-level "
-                  "map, an extension). readouts: reference = each phrase's own map (the paper's); contrast = "
-                  "against the other findings' maps. CNR is signed; AUROC is zero-shot presence (finding vs "
-                  "'No finding.' prompt).")
+                  "map, an extension). readouts: reference = each phrase's own map, and AUROC from the finding's "
+                  "prompt against 'No finding.' (the paper's); contrast = maps and AUROC against the other "
+                  "findings' prompts. CNR is signed; AUROC is zero-shot presence from the global embedding.")
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")
     console.print(f"timings (s): {report['timings_s']}")
