@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from kernels import local_alignment as la
@@ -73,19 +74,22 @@ def local_similarity(
     chunk_size: int | None = None,
     *,
     backend: Backend | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """GLoRIA local scores R (B_img, B_txt); differentiable in regions and units.
 
     regions (B_img, d, M) or (B_img, d, h, w); units (B_txt, T, d); unit_mask (B_txt, T),
     at least one real unit per text. chunk_size: images per chunk for the torch and
     Triton paths (None: from a memory budget); the reference materialises everything.
+    matmul_dtype: the torch path's matrix products in that dtype (bf16 training on the CPU);
+    the Triton kernel keeps its own precision and the reference ignores it.
     """
     which = resolve_backend(regions, backend)
     if which == "reference":
         return la.reference_local_similarity(regions, units, unit_mask, temp1, temp2)
     if which == "triton" and 0 < temp1 <= la.MAX_TEMP1:
         return la.triton_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
-    return la.torch_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
+    return la.torch_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype)
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "Backend", "MapStats", "local_similarity", "localization_maps", "resolve_backend"]

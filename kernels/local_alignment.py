@@ -115,7 +115,7 @@ def reference_local_similarity(
 
 
 # ----------------------------------------------------------------------------------------------
-# Torch fused path: chunked over images, hand-written backward (CPU fast path).
+# Torch path: chunked over texts, checkpointed when large, autograd backward (the CPU's).
 
 
 def default_chunk_size(n_img: int, n_txt: int, n_units: int, n_regions: int,
@@ -125,16 +125,23 @@ def default_chunk_size(n_img: int, n_txt: int, n_units: int, n_regions: int,
     return max(1, min(n_txt, budget // per_text))
 
 
-def _chunk_scores(v: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float) -> Tensor:
-    """R for all images against one chunk of texts: v (I, d, M), e (c, T, d), mask (c, T) -> (I, c)."""
+def _chunk_scores(v: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float,
+                  matmul_dtype: torch.dtype | None = None) -> Tensor:
+    """R for all images against one chunk of texts: v (I, d, M), e (c, T, d), mask (c, T) -> (I, c).
+
+    `matmul_dtype` (bf16) runs the two products, and so their backward, in that dtype; softmaxes,
+    dot products and the epilogue stay in v's dtype.
+    """
     n_img, _, n_reg = v.shape
     c, t, d = e.shape
     keep = mask.view(1, c, t, 1)
-    s = torch.matmul(e.reshape(1, c * t, d), v).view(n_img, c, t, n_reg)  # s[i, j, t, m] = e_jtᵀ v_im
+    low = (lambda x: x) if matmul_dtype is None else (lambda x: x.to(matmul_dtype))
+    s = torch.matmul(low(e.reshape(1, c * t, d)), low(v)).to(v.dtype).view(n_img, c, t, n_reg)  # e_jtᵀ v_im
     s = s.masked_fill(~keep, float("-inf"))
     a = torch.softmax(s, dim=2)  # first over the units (words) of text j: padding gets weight 0
     alpha = torch.softmax(temp1 * a, dim=3)  # then over the regions, after scaling by temp1
-    ctx = torch.matmul(alpha.view(n_img, c * t, n_reg), v.transpose(1, 2)).view(n_img, c, t, d)
+    ctx = torch.matmul(low(alpha.view(n_img, c * t, n_reg)), low(v.transpose(1, 2))).to(v.dtype)
+    ctx = ctx.view(n_img, c, t, d)
     ec = (ctx * e.unsqueeze(0)).sum(-1)
     cc = (ctx * ctx).sum(-1)
     return scores_from_terms(ec, cc, e, mask, temp2)
@@ -147,8 +154,13 @@ def torch_local_similarity(
     temp1: float = 4.0,
     temp2: float = 5.0,
     chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """R (B_img, B_txt) on any device, `chunk_size` texts at a time (None: from DEFAULT_CHUNK_ELEMENTS).
+
+    `matmul_dtype=torch.bfloat16` runs the attention's two matrix products (three quarters of the
+    time at the CPU demo's word level) in bf16, for bf16 training where the CPU computes it natively;
+    the softmaxes and the cosine stay in fp32 (benchmarks/local_loss_speed.py).
 
     Under autograd each chunk runs inside `torch.utils.checkpoint`: only its inputs and
     its (B_img, chunk) scores are kept, and its attention is rebuilt in the backward
@@ -168,7 +180,7 @@ def torch_local_similarity(
         recompute = False
     columns = []
     for j0 in range(0, e.shape[0], chunk):
-        args = (v, e[j0 : j0 + chunk], mask[j0 : j0 + chunk], float(temp1), float(temp2))
+        args = (v, e[j0 : j0 + chunk], mask[j0 : j0 + chunk], float(temp1), float(temp2), matmul_dtype)
         if recompute:
             columns.append(checkpoint(_chunk_scores, *args, use_reentrant=False, preserve_rng_state=False))
         else:

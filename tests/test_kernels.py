@@ -231,6 +231,27 @@ def test_torch_path_handles_spatial_regions_chunks_and_bf16():
     torch.testing.assert_close(low, ref, rtol=5e-2, atol=5e-2)
 
 
+@FAST
+@given(alignment_problems())
+def test_bf16_products_stay_close_to_fp32(problem):
+    """bf16 training's local loss: products in bf16, softmaxes in fp32; values and gradients near fp64.
+
+    Tolerances: bf16 keeps 8 bits of mantissa (relative 4e-3 per input); a dot product of unit-variance
+    entries over d <= 40 then errs by ~0.02 in s, which the two softmaxes and the log-sum-exp damp.
+    """
+    regions, units, mask, weights = _tensors(problem, torch.float32, torch.device("cpu"))
+    ref = _value_and_grads(la.reference_local_similarity, regions.double(), units.double(), mask, weights.double())
+    got = _value_and_grads(la.torch_local_similarity, regions, units, mask, weights, chunk_size=problem["chunk"],
+                           matmul_dtype=torch.bfloat16)
+    assert all(t.dtype == torch.float32 for t in got)
+    r, gv, ge = (t.double() for t in got)
+    torch.testing.assert_close(r, ref[0], rtol=0.05, atol=0.05)
+    for a, b in ((gv, ref[1]), (ge, ref[2])):
+        scale = b.abs().max().clamp_min(1e-3)
+        assert float((a - b).abs().max() / scale) < 0.1
+    assert torch.count_nonzero(ge[~mask]) == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Localization
 

@@ -277,3 +277,35 @@ def test_global_loss_known_values() -> None:
     assert torch.isfinite(global_loss(zero, zero))
     with pytest.raises(ValueError):
         global_loss(eye, eye[:3])
+
+
+def test_bf16_training_runs_local_products_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """precision=bf16 hands bf16 to both local losses' products; the losses stay near fp32's."""
+    import random
+
+    import train.loop as loop
+    from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+    from afloc_cli.text.data.sentences import prepare_report
+    from afloc_cli.vlp.model import build_model
+    from train.config import TrainConfig
+    from train.distributed import DistInfo
+
+    cfg = TrainConfig(model=small_config().replace(
+        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+        preprocess=PreprocessConfig(image_size=64)), batch_size=4)
+    torch.manual_seed(0)
+    random.seed(0)
+    model = build_model(cfg.model).eval()
+    frames = torch.randint(0, 255, (4, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    texts = [prepare_report(r) for r in ("Small left pleural effusion. Heart size normal.", "Right upper lobe opacity.",
+                                         "Large right pneumothorax. No effusion.", "The lungs are clear.")]
+    seen: list[torch.dtype | None] = []
+    real = loop.local_loss
+    monkeypatch.setattr(loop, "local_loss", lambda *a, **k: seen.append(k.get("matmul_dtype")) or real(*a, **k))
+    forward = loop._Forward(model, ("global", "deep", "shallow"))
+    losses = {p: {k: float(v.detach()) for k, v in
+                  loop.compute_losses(forward, model, frames, texts, cfg, DistInfo(), torch.device("cpu"), p).items()}
+              for p in ("fp32", "bf16")}
+    assert seen == [None, None, torch.bfloat16, torch.bfloat16]
+    for name in ("sentence", "word", "total"):
+        assert abs(losses["bf16"][name] - losses["fp32"][name]) < 0.05 * abs(losses["fp32"][name])

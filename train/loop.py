@@ -105,6 +105,8 @@ def compute_losses(
     out: dict[str, torch.Tensor] = {}
     zero = x.new_zeros(())
     chunk = cfg.local_chunk
+    # bf16 training: the local losses' attention products in bf16 too (their softmaxes stay fp32).
+    matmul_dtype = torch.bfloat16 if precision == "bf16" else None
     if lc.use_global:
         out["global"] = lc.weight_global * global_loss(
             gather(img.global_.float(), dist), gather(txt.report.float(), dist), lc.temp3
@@ -114,14 +116,14 @@ def compute_losses(
             gather(img.deep.float(), dist),
             gather_padded(txt.sentences.float(), dist),
             gather_padded(txt.sentence_mask, dist),
-            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk,
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype,
         )
     if lc.use_word:
         out["word"] = lc.weight_word * local_loss(
             gather(img.shallow.float(), dist),
             gather_padded(txt.words.float(), dist),
             gather_padded(txt.word_mask, dist),
-            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk,
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype,
         )
     out["total"] = sum(out.values(), zero)
     return out

@@ -48,14 +48,17 @@ def local_loss(
     temp2: float = 5.0,
     temp3: float = 10.0,
     chunk_size: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """L_DS / L_SW: logits = temp3 · R (see local_similarity), CE(img→txt) + CE(txt→img).
+
+    matmul_dtype: bf16 runs the CPU path's attention products in bf16 (bf16 training).
 
     Images and texts must pair up (B_img = B_txt), matching pairs on the diagonal. R comes
     from `kernels.dispatch`: the fused Triton kernel on CUDA (flash-style, forward and
     backward), the chunked, checkpointed torch path elsewhere.
     """
-    scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
+    scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype=matmul_dtype)
     return _symmetric_ce(temp3 * scores)
 
 
