@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -140,6 +143,66 @@ def markdown(summary: pl.DataFrame, kinds: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Task:
+    seed: int
+    row: str
+    losses: str | None  # None: a baseline (untrained model, random maps)
+
+
+@dataclass(frozen=True)
+class Context:
+    budget: Budget
+    out: Path
+    corpus: Path
+    cache: Path
+    holdout: str
+    n_boot: int
+    workers: int
+    reuse_runs: bool
+
+
+def run_task(task: Task, ctx: Context) -> tuple[list[dict], dict | None]:
+    """Train (or reuse) and score one row of one seed; baselines are scored only. Runs in a worker process."""
+    out, plan = ctx.out, ctx.budget.plan
+    rows: list[dict] = []
+    if task.losses is None:
+        if task.row == "untrained":  # the model this seed's training starts from
+            untrained = untrained_checkpoint(training_config(plan, seed=task.seed),
+                                             out / "runs" / f"untrained-seed{task.seed}.safetensors")
+            results = evaluate(untrained, ctx.corpus, out / "bench" / f"untrained-seed{task.seed}", n_boot=ctx.n_boot)
+        else:
+            results = random_baseline(ctx.corpus, out / "bench" / f"random-seed{task.seed}", plan.image_size,
+                                      task.seed, ctx.n_boot)
+        for readout, result in results.items():
+            rows += rows_of(result, task.row, readout, task.seed, ctx.holdout)
+        return rows, None
+    cfg = training_config(plan, seed=task.seed, losses=task.losses, workers=ctx.workers)
+    slug = task.losses.replace(",", "-")
+    run_dir = out / "runs" / f"{slug}-seed{task.seed}"
+    t = time.perf_counter()
+    if ctx.reuse_runs and (run_dir / "model.safetensors").is_file():
+        checkpoint, steps, train_s = run_dir / "model.safetensors", _steps_trained(run_dir), None
+    else:
+        checkpoint, steps = pretrain(ctx.cache, run_dir, cfg, Console(stderr=True), show_progress=False)
+        train_s = round(time.perf_counter() - t, 1)
+    levels = {"deep": task.row, **(EXTRA_LEVELS if "word" in task.losses else {})}
+    for level, row in levels.items():
+        bench = out / "bench" / (f"{slug}-seed{task.seed}" if level == "deep" else f"{slug}-{level}-seed{task.seed}")
+        for readout, result in evaluate(checkpoint, ctx.corpus, bench, n_boot=ctx.n_boot,
+                                        level=level).items():  # type: ignore[arg-type]
+            rows += rows_of(result, row, readout, task.seed, ctx.holdout)
+    return rows, {"row": task.row, "seed": task.seed, "steps": steps, "train_s": train_s,
+                  "threads": torch.get_num_threads()}
+
+
+def _done(task: Task, info: dict | None) -> str:
+    if info is None:
+        return f"{task.row}, seed {task.seed}: scored"
+    return (f"{task.row}, seed {task.seed}: {info['steps']} steps"
+            + ("" if info["train_s"] is None else f" in {info['train_s']:.0f} s"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -150,6 +213,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="epochs for every row (default: the plan's 14)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="a training override for every row, KEY=VALUE (e.g. optim.step_gamma=0.949)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained and scored at once, in worker processes sharing the cores")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="re-score the models an earlier run of this script trained under --out (same plan) "
                          "instead of training them again")
@@ -170,39 +235,37 @@ def main() -> None:
     cache = out / "cache"
     prepare_cache(corpus / "manifest.csv", cache, size=b.plan.image_size, workers=args.workers)
 
+    # Longest first (the full model's word loss), so parallel workers finish together.
+    tasks = [Task(seed, name, losses) for name, losses in VARIANTS.items() for seed in range(1, args.seeds + 1)]
+    tasks += [Task(seed, row, None) for seed in range(1, args.seeds + 1) for row in ("untrained", "random maps")]
+    context = Context(b, out, corpus, cache, holdout, args.bootstrap, args.workers, args.reuse_runs)
     rows: list[dict] = []
     runs: list[dict] = []
-    for seed in range(1, args.seeds + 1):
-        for name, losses in VARIANTS.items():
-            console.rule(f"[bold]{name}, seed {seed}")
-            cfg = training_config(b.plan, seed=seed, losses=losses, workers=args.workers)
-            slug = losses.replace(",", "-")
-            run_dir = out / "runs" / f"{slug}-seed{seed}"
-            t = time.perf_counter()
-            if args.reuse_runs and (run_dir / "model.safetensors").is_file():
-                checkpoint, steps, train_s = run_dir / "model.safetensors", _steps_trained(run_dir), None
-            else:
-                checkpoint, steps = pretrain(cache, run_dir, cfg, console, show_progress=False)
-                train_s = round(time.perf_counter() - t, 1)
-            results = evaluate(checkpoint, corpus, out / "bench" / f"{slug}-seed{seed}", n_boot=args.bootstrap)
-            runs.append({"row": name, "seed": seed, "steps": steps, "train_s": train_s})
-            for readout, result in results.items():
-                rows += rows_of(result, name, readout, seed, holdout)
-            if "word" in losses:
-                for level, row in EXTRA_LEVELS.items():
-                    for readout, result in evaluate(checkpoint, corpus, out / "bench" / f"{slug}-{level}-seed{seed}",
-                                                    n_boot=args.bootstrap, level=level).items():  # type: ignore[arg-type]
-                        rows += rows_of(result, row, readout, seed, holdout)
-            console.print(f"{name}, seed {seed}: {steps} steps" + ("" if train_s is None else f" in {train_s:.0f} s"))
-        # The untrained model of this seed's initialisation, and random maps.
-        untrained = untrained_checkpoint(training_config(b.plan, seed=seed),
-                                         out / "runs" / f"untrained-seed{seed}.safetensors")
-        for readout, result in evaluate(untrained, corpus, out / "bench" / f"untrained-seed{seed}",
-                                        n_boot=args.bootstrap).items():
-            rows += rows_of(result, "untrained", readout, seed, holdout)
-        for readout, result in random_baseline(corpus, out / "bench" / f"random-seed{seed}", b.plan.image_size, seed,
-                                               args.bootstrap).items():
-            rows += rows_of(result, "random maps", readout, seed, holdout)
+    if args.jobs > 1:
+        # Spawned workers with the cores split between them: two 1-thread trainings of this small model
+        # get more from two cores than one 2-thread training does (RESULTS.md, "Learning benchmark").
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        console.print(f"{len(tasks)} runs on {args.jobs} worker processes of {threads} thread(s) each")
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(run_task, task, context): task for task in tasks}
+            for future in as_completed(futures):
+                task_rows, info = future.result()
+                rows += task_rows
+                runs += [info] if info else []
+                console.print(_done(futures[future], info))
+    else:
+        for task in tasks:
+            console.rule(f"[bold]{task.row}, seed {task.seed}")
+            task_rows, info = run_task(task, context)
+            rows += task_rows
+            runs += [info] if info else []
+            console.print(_done(task, info))
+    names = list(VARIANTS)
+    order = {name: i for i, name in enumerate([names[0], *EXTRA_LEVELS.values(), *names[1:], "untrained",
+                                                "random maps"])}
+    rows.sort(key=lambda r: (r["seed"], order[r["row"]], r["readout"]))
+    runs.sort(key=lambda r: (r["seed"], order[r["row"]]))
 
     table = pl.DataFrame(rows)
     table.write_csv(out / "per_seed.csv")

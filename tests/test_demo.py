@@ -52,4 +52,8 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     assert model.stat().st_mtime_ns == before  # not trained again
     runs = json.loads((out / "learning.json").read_text())["runs"]
     assert all(r["train_s"] is None and r["steps"] == 2 for r in runs)
-    assert pl.read_csv(out / "per_seed.csv").height == table.height
+    serial = pl.read_csv(out / "per_seed.csv")
+    assert serial.height == table.height
+    # The same runs scored by two worker processes: the same table, row for row.
+    subprocess.run([*cmd, "--reuse-runs", "--jobs", "2"], check=True, capture_output=True, cwd=repo)
+    assert pl.read_csv(out / "per_seed.csv").equals(serial)
