@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/train_throughput.py --steps 4
     .venv/bin/python benchmarks/train_throughput.py --demo --steps 20   # the demo's recipe, fp32 vs bf16
+    .venv/bin/python benchmarks/train_throughput.py --demo --precisions bf16 --threads 1 &   # two 1-thread runs
+    .venv/bin/python benchmarks/train_throughput.py --demo --precisions bf16 --threads 1     # side by side
 
 `--demo` measures the recipe of `afloc demo` (small preset, 160 px, batch 16,
 frozen text with cached features, whole reports, no loader workers) in fp32
@@ -52,10 +54,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--presets", default="small,resnet50")
     parser.add_argument("--demo", action="store_true", help="the demo's recipe, fp32 vs bf16")
+    parser.add_argument("--precisions", default="fp32,bf16", help="--demo: the precisions to measure")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.demo:
-        demo(args.steps)
+        demo(args.steps, args.precisions.split(","))
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +81,7 @@ def main() -> None:
         print(f"{preset:<12}{rate:>10.2f}")
 
 
-def demo(steps: int) -> None:
+def demo(steps: int, precisions: list[str]) -> None:
     from afloc_cli.demo import DemoPlan
 
     plan = DemoPlan.full()
@@ -86,7 +92,7 @@ def demo(steps: int) -> None:
         generate_corpus(corpus, SynthConfig(n=160, seed=2), workers=1)
         cache = Path(tmp) / "cache"
         prepare_cache(corpus / "manifest.csv", cache, size=plan.image_size, workers=1)
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             # epochs=100 over a 112-image train split: texts repeat, as in the demo's later epochs.
             rate = measure("small", cache, Path(tmp) / f"run-{precision}", plan.batch_size, steps,
                            [*recipe, f"precision={precision}"])
@@ -98,7 +104,9 @@ def demo(steps: int) -> None:
     print(f"{'precision':<12}{'images/s':>10}")
     for precision, rate in rows:
         print(f"{precision:<12}{rate:>10.2f}")
-    print(f"bf16 / fp32: {rows[1][1] / rows[0][1]:.2f}")
+    rates = dict(rows)
+    if {"fp32", "bf16"} <= set(rates):
+        print(f"bf16 / fp32: {rates['bf16'] / rates['fp32']:.2f}")
 
 
 if __name__ == "__main__":
