@@ -42,7 +42,8 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     table = pl.read_csv(out / "per_seed.csv")
     rows = set(table["row"])
     assert rows == {"full (global+sentence+word)", "global+sentence (GLoRIA-like)", "global only (ConVIRT-like)",
-                    "full, shallow map (words)", "full, fused map", "untrained", "random maps"}
+                    "full, shallow map (words)", "full, fused map", "global+sentence, fused map", "untrained",
+                    "random maps"}
     assert set(table["readout"]) == {"reference", "contrast"}
     held_out = json.loads((out / "learning.json").read_text())["corpus"]["held_out_kind"]
     assert table.filter(pl.col("held_out"))["kind"].unique().to_list() == [held_out]
