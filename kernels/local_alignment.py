@@ -129,14 +129,16 @@ def _chunk_scores(v: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float
                   matmul_dtype: torch.dtype | None = None) -> Tensor:
     """R for all images against one chunk of texts: v (I, d, M), e (c, T, d), mask (c, T) -> (I, c).
 
-    `matmul_dtype` (bf16) runs the two products, and so their backward, in that dtype; softmaxes,
-    dot products and the epilogue stay in v's dtype.
+    `matmul_dtype` (bf16) runs the context product alpha·v, and its backward, in that dtype. The
+    similarities s stay in v's dtype: they are softmax logits in the hundreds for trained embeddings
+    (median |s| ~ 50 at the demo's word level), where bf16's rounding (~1 at the 99th percentile)
+    would reorder the words; the context is a convex combination, and its rounding only nudges a cosine.
     """
     n_img, _, n_reg = v.shape
     c, t, d = e.shape
     keep = mask.view(1, c, t, 1)
     low = (lambda x: x) if matmul_dtype is None else (lambda x: x.to(matmul_dtype))
-    s = torch.matmul(low(e.reshape(1, c * t, d)), low(v)).to(v.dtype).view(n_img, c, t, n_reg)  # e_jtᵀ v_im
+    s = torch.matmul(e.reshape(1, c * t, d), v).view(n_img, c, t, n_reg)  # s[i, j, t, m] = e_jtᵀ v_im
     s = s.masked_fill(~keep, float("-inf"))
     a = torch.softmax(s, dim=2)  # first over the units (words) of text j: padding gets weight 0
     alpha = torch.softmax(temp1 * a, dim=3)  # then over the regions, after scaling by temp1
@@ -158,9 +160,10 @@ def torch_local_similarity(
 ) -> Tensor:
     """R (B_img, B_txt) on any device, `chunk_size` texts at a time (None: from DEFAULT_CHUNK_ELEMENTS).
 
-    `matmul_dtype=torch.bfloat16` runs the attention's two matrix products (three quarters of the
-    time at the CPU demo's word level) in bf16, for bf16 training where the CPU computes it natively;
-    the softmaxes and the cosine stay in fp32 (benchmarks/local_loss_speed.py).
+    `matmul_dtype=torch.bfloat16` runs the context product (forward and its two backward products,
+    three of the five matrix products that are most of the word-level loss's time on the CPU) in bf16,
+    for bf16 training where the CPU computes it natively; the similarities, softmaxes and cosine stay
+    fp32 (`_chunk_scores`; benchmarks/local_loss_speed.py).
 
     Under autograd each chunk runs inside `torch.utils.checkpoint`: only its inputs and
     its (B_img, chunk) scores are kept, and its attention is rebuilt in the backward
