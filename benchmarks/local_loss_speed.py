@@ -6,7 +6,8 @@ the 20 x 20 shallow grid, the sentence level up to 12 sentence slots with the
 10 x 10 deep grid, d = 384; and the same at batch 32. The naive path is
 `reference_local_similarity` (everything materialised, plain autograd). The
 bf16 column is what `precision=bf16` training runs on the CPU
-(`matmul_dtype=torch.bfloat16`); its error against fp32 is printed beside it.
+(`matmul_dtype=torch.bfloat16`: the context product alpha·v in bf16, the
+similarities and softmaxes in fp32); its error against fp32 is printed beside it.
 
     .venv/bin/python benchmarks/local_loss_speed.py            # ~1 min on two idle cores
     .venv/bin/python benchmarks/local_loss_speed.py --repeats 3
@@ -62,7 +63,7 @@ def main() -> None:
     paths = {
         "naive": (la.reference_local_similarity, {}),
         "torch fp32": (la.torch_local_similarity, {}),
-        "torch bf16 products": (la.torch_local_similarity, {"matmul_dtype": torch.bfloat16}),
+        "torch bf16 context": (la.torch_local_similarity, {"matmul_dtype": torch.bfloat16}),
     }
     print(f"{'case':16} " + " ".join(f"{name:>20}" for name in paths) + "   fp32/bf16  naive/bf16  max|dR| bf16")
     for case, shape in CASES.items():
@@ -76,7 +77,7 @@ def main() -> None:
                 seconds, values[name] = _step(fn, v, e, mask, **kwargs)
                 times.append(seconds)
             best[name] = min(times)
-        err = float((values["torch bf16 products"] - values["torch fp32"]).abs().max())
+        err = float((values["torch bf16 context"] - values["torch fp32"]).abs().max())
         print(f"{case:16} " + " ".join(f"{best[n] * 1e3:17.1f} ms" for n in paths)
               + f"   {best['torch fp32'] / best['torch bf16 products']:9.2f}"
               + f"  {best['naive'] / best['torch bf16 products']:10.2f}  {err:12.4f}")

@@ -280,7 +280,7 @@ def test_global_loss_known_values() -> None:
 
 
 def test_bf16_training_runs_local_products_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """precision=bf16 hands bf16 to both local losses' products; the losses stay near fp32's."""
+    """precision=bf16 hands bf16 to both local losses' context products; the losses stay near fp32's."""
     import random
 
     import train.loop as loop
