@@ -1,4 +1,4 @@
-"""Time of one forward + backward of the local similarity: naive, the torch path in fp32, and with bf16 products.
+"""One forward + backward of the local similarity: naive, the torch path in fp32, and with a bf16 context product.
 
 Shapes are the CPU demo recipe's (batch 16, 160 px, small preset, frozen MiniLM,
 whole reports): the word level aligns up to 64 word slots (about 45 real) with
@@ -79,8 +79,8 @@ def main() -> None:
             best[name] = min(times)
         err = float((values["torch bf16 context"] - values["torch fp32"]).abs().max())
         print(f"{case:16} " + " ".join(f"{best[n] * 1e3:17.1f} ms" for n in paths)
-              + f"   {best['torch fp32'] / best['torch bf16 products']:9.2f}"
-              + f"  {best['naive'] / best['torch bf16 products']:10.2f}  {err:12.4f}")
+              + f"   {best['torch fp32'] / best['torch bf16 context']:9.2f}"
+              + f"  {best['naive'] / best['torch bf16 context']:10.2f}  {err:12.4f}")
 
 
 if __name__ == "__main__":
