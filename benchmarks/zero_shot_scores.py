@@ -8,7 +8,10 @@ The heat-map file keeps every image's global-embedding cosine with every prompt
 - contrast: X's cosine minus its mean over the other findings' prompts (`--readout contrast`).
 
     .venv/bin/python benchmarks/zero_shot_scores.py --corpus /tmp/demo/corpus \
-        --heatmaps /tmp/demo/benchmark/contrast/heatmaps.h5
+        --heatmaps /tmp/demo/benchmark/contrast/heatmaps.h5 [--checkpoint /tmp/demo/run/model.safetensors]
+
+With --checkpoint it also prints, per kind, how close the text model puts the
+finding's prompt to its own negation and to the other findings' prompts.
 
 The file must hold both templates of every kind (an `afloc benchmark synthetic
 ... --readout contrast` run's heatmaps.h5 does). Results: benchmarks/RESULTS.md, "Zero-shot scores".
@@ -44,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, required=True, help="an `afloc synth` corpus (labels.csv, synth.json)")
     ap.add_argument("--heatmaps", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="also print the prompts' text-side cosines")
     args = ap.parse_args()
     labels = pl.read_csv(args.corpus / "labels.csv")
     held_out = json.loads((args.corpus / "synth.json").read_text())["held_out"]["category_name"]
@@ -69,6 +73,25 @@ def main() -> None:
         seen = [a for c, a in zip(kinds, per_kind, strict=True) if c != held_out]
         print(f"{rule:30} {np.mean(per_kind):6.3f} {np.mean(seen):6.3f} "
               + " ".join(f"{a:11.3f}" for a in per_kind))
+    if args.checkpoint is not None:
+        text_cosines(args.checkpoint, kinds)
+
+
+def text_cosines(checkpoint: Path, kinds: list[str]) -> None:
+    """Report embeddings of the prompts (what the scores compare the image with), cosine to each other."""
+    import torch
+    import torch.nn.functional as F
+
+    from afloc_cli.checkpoint.io import load_checkpoint
+
+    model = load_checkpoint(checkpoint).eval()
+    own = F.normalize(model.encode_prompts([TEMPLATE.format(category=c) for c in kinds]), dim=1)
+    negated = F.normalize(model.encode_prompts([NEGATIVE_TEMPLATE.format(category=c.lower()) for c in kinds]), dim=1)
+    pairs = own @ own.T
+    others = pairs[~torch.eye(len(kinds), dtype=torch.bool)].view(len(kinds), -1).mean(1)
+    print(f"{'kind':18} {'cos(X, No x)':>13} {'mean cos(X, other findings)':>28}")
+    for c, a, b in zip(kinds, (own * negated).sum(1), others, strict=True):
+        print(f"{c:18} {float(a):13.3f} {float(b):28.3f}")
 
 
 if __name__ == "__main__":
