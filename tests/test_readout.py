@@ -92,6 +92,8 @@ def test_benchmark_oracle_with_contrast_readout(corpus, tmp_path):
                            split="test", n_boot=20, readout="contrast")
     s = {r["metric"]: r["value"] for r in result.summary.to_dicts()}
     assert s["pointing"] == 1.0 and s["iou"] > 0.4
+    # The file holds the positive images only: no AUROC, and a note that says why (not an error).
+    assert result.auroc is None and any("images without a finding" in n for n in result.notes)
     protocol = json.loads((tmp_path / "contrast" / "protocol.json").read_text())
     assert protocol["readout"] == "contrast" and "template" in protocol["contrast"]
     with pytest.raises(AflocError, match="readout"):

@@ -210,6 +210,11 @@ def run_benchmark(
                 has_negatives = False
                 notes.append("zero-shot AUROC skipped: the heat-map file lacks the template prompts "
                              f"({' and '.join(repr(t) for t in templates)} per category)")
+            elif absent := sum(1 for p in {str(it.image_path) for it in items if not it.positive}
+                               if p not in file_rows):
+                has_negatives = False
+                notes.append(f"zero-shot AUROC skipped: the heat-map file lacks {absent} of the images without "
+                             "a finding (localized for the positives only?)")
         for it in items:
             if not it.positive and not has_negatives:
                 continue
