@@ -184,7 +184,9 @@ def test_zero_shot_score_follows_the_readout(corpus, tmp_path):
     assert macro["reference"] == pytest.approx(0.5)
     # The contrast score cancels the per-image offset and keeps the truth (ties only between two positives).
     assert macro["contrast"] > 0.95
-    assert json.loads((tmp_path / "con" / "protocol.json").read_text())["zero_shot"].startswith("global")
+    protocol = json.loads((tmp_path / "con" / "protocol.json").read_text())
+    assert protocol["zero_shot"].startswith("global") and protocol["negative_template"] is None
+    assert json.loads((tmp_path / "ref" / "protocol.json").read_text())["negative_template"] == "No {category}."
     # A text model that mirrors "No x." away from "x", no shared offset: the reference readout sees the truth.
     _scores_file(corpus, tmp_path / "mirror.h5", negative_follows_positive=False, offset_sd=0.0)
     mirror = run_benchmark("synthetic", corpus, tmp_path / "mirror", heatmaps=tmp_path / "mirror.h5", split="test",

@@ -275,7 +275,7 @@ def run_benchmark(
         "zero_shot": None if not has_negatives else ZERO_SHOT[readout],
         "prompt_source": prompt_source,
         "prompt_template": prompt_template,
-        "negative_template": NEGATIVE_TEMPLATE if has_negatives else None,
+        "negative_template": NEGATIVE_TEMPLATE if has_negatives and readout == "reference" else None,
         "prompts": prompts,
         "thresholds": list(thresholds),
         "scoring_frame": "model frame (letterboxed 224), truth letterboxed with the image; the letterbox padding "
