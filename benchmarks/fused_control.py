@@ -1,0 +1,91 @@
+"""What does the fused map owe to the word level? Score a control map beside it on trained models.
+
+The fused level (`--level fused`) averages the min-max'd deep map, upsampled to
+the shallow grid, with the min-max'd shallow map, and is then smoothed with
+sigma = 1.5 *shallow* cells: half the blur, in pixels, of the deep level's
+sigma = 1.5 deep cells. The control ("deep on the shallow grid") is the fused
+pipeline with the shallow half left out: the deep map alone, upsampled to the
+shallow grid the same way. If the control scores like the fused map, the gain
+is the finer smoothing, not the word-level features.
+
+    .venv/bin/python benchmarks/fused_control.py --corpus /tmp/learning-final/corpus \
+        --runs /tmp/learning-final/runs --out /tmp/fused-control
+
+Every `<losses>-seed<N>/model.safetensors` under --runs matching --pattern is
+scored (test split, both readouts, 100 bootstrap resamples). Results: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from afloc_cli.benchmark.runner import run_benchmark
+from afloc_cli.checkpoint.io import load_checkpoint, sha256_file
+from afloc_cli.image.data.transforms import normalize
+from afloc_cli.localize.runner import run_localize
+from afloc_cli.vlp.inference_engine import EngineOutput, LocalizationEngine
+from kernels.dispatch import localization_maps
+
+
+class DeepOnShallowGrid(LocalizationEngine):
+    """The fused level without its shallow half: the normalised deep map on the shallow grid."""
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> EngineOutput:
+        pre = self.cfg.preprocess
+        x = normalize(frames.to(self.device), pre.mean, pre.std)
+        feats = self.encode_images(x.contiguous(), ("shallow", "deep", "global"))
+        mode = self.cfg.heatmap.similarity
+        deep, stats = localization_maps(feats.deep.float(), self.prompt_embeddings, mode,
+                                        global_=feats.global_.float(), normalize=True)
+        maps = F.interpolate(deep, size=feats.shallow.shape[-2:], mode="bilinear", align_corners=False)
+        return EngineOutput(maps=maps.float().cpu(), scores=stats.scores.float().cpu())
+
+
+def score(checkpoint: Path, corpus: Path, out: Path, level: str) -> dict[str, tuple[float, float]]:
+    model = load_checkpoint(checkpoint)
+    holdout = json.loads((corpus / "synth.json").read_text())["held_out"]["category_name"]
+
+    def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
+        cls = DeepOnShallowGrid if level == "control" else LocalizationEngine
+        engine = cls(model, prompts, device=torch.device("cpu"), level="fused")
+        sha = sha256_file(checkpoint)
+        run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
+                     checkpoint_sha256=sha, workers=0, overwrite=True, wanted=wanted)
+        return h5, sha
+
+    results = {}
+    contrast = run_benchmark("synthetic", corpus, out / "contrast", localize=localize, split="test",
+                             prompt_source="phrase", n_boot=100, readout="contrast")
+    reference = run_benchmark("synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5",
+                              split="test", prompt_source="phrase", n_boot=100, readout="reference")
+    for name, result in (("reference", reference), ("contrast", contrast)):
+        seen = result.per_category.filter(result.per_category["category"] != holdout)
+        results[name] = (float(seen["pointing"].mean()), float(seen["iou"].mean()))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--runs", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--pattern", default="*sent*", help="run folders to score (default: those with a local loss)")
+    args = ap.parse_args()
+    print("| model | map | readout | pointing (seen kinds) | mIoU (seen kinds) |\n|---|---|---|---|---|")
+    for run in sorted(p for p in args.runs.glob(args.pattern) if (p / "model.safetensors").is_file()):
+        for level in ("fused", "control"):
+            figures = score(run / "model.safetensors", args.corpus, args.out / run.name / level, level)
+            for readout, (pointing, miou) in figures.items():
+                name = "fused" if level == "fused" else "deep on the shallow grid (control)"
+                print(f"| {run.name} | {name} | {readout} | {pointing:.3f} | {miou:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
