@@ -43,9 +43,16 @@ if str(ROOT) not in sys.path:
 from afloc_cli.config import ImageConfig  # noqa: E402
 from afloc_cli.image.data.transforms import normalize  # noqa: E402
 from afloc_cli.image.model.encoder import ImageEncoder  # noqa: E402
-from afloc_cli.vlp.heatmap import frame_maps, similarity  # noqa: E402
+from afloc_cli.vlp.heatmap import frame_maps  # noqa: E402
 from kernels import cpu, dispatch  # noqa: E402
 from kernels import local_alignment as la  # noqa: E402
+
+
+def similarity(grid: torch.Tensor, prompts: torch.Tensor, mode: str) -> torch.Tensor:
+    """The naive maps: one einsum (cosine: normalised copies first), as the engine computed them before kernels/."""
+    if mode == "cosine":
+        grid, prompts = F.normalize(grid, dim=1), F.normalize(prompts, dim=1)
+    return torch.einsum("bchw,pc->bphw", grid, prompts)
 
 LEVELS = {  # (units T, regions M, dim d) of the two local levels at the reference sizes
     "sentences": (12, 19 * 19, 768),

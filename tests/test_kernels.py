@@ -462,3 +462,15 @@ def test_triton_kernels_in_a_fresh_process():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert f"{len(TRITON_TESTS)} passed" in result.stdout
+
+
+def test_benchmark_scripts_import_and_parse_arguments():
+    """Every benchmarks/*.py starts (imports resolve, --help parses): gpu_check.sh must not meet a stale import."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = sorted((root / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 10
+    running = {s.name: subprocess.Popen([sys.executable, str(s), "--help"], cwd=root, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True) for s in scripts}
+    for name, proc in running.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}: {err[-800:]}"
