@@ -244,11 +244,13 @@ def main() -> None:
                     help="a training override for every row, KEY=VALUE (e.g. optim.step_gamma=0.9)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs trained and scored at once, in worker processes sharing the cores")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default: all cores, split evenly between --jobs workers)")
     ap.add_argument("--reuse-runs", action="store_true",
                     help="re-score the models an earlier run of this script trained under --out (same plan) "
                          "instead of training them again")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     console = Console(stderr=True)
     b = budget(args.quick, args.epochs, tuple(args.overrides))
     out: Path = args.out
@@ -273,7 +275,7 @@ def main() -> None:
     if args.jobs > 1:
         # Spawned workers with the cores split between them: two 1-thread trainings of this small model
         # get more from two cores than one 2-thread training does (RESULTS.md, "Learning benchmark").
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         console.print(f"{len(tasks)} runs on {args.jobs} worker processes of {threads} thread(s) each")
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(threads,)) as pool:
