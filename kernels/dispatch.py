@@ -81,7 +81,7 @@ def local_similarity(
     regions (B_img, d, M) or (B_img, d, h, w); units (B_txt, T, d); unit_mask (B_txt, T),
     at least one real unit per text. chunk_size: images per chunk for the torch and
     Triton paths (None: from a memory budget); the reference materialises everything.
-    matmul_dtype: the torch path's matrix products in that dtype (bf16 training on the CPU);
+    matmul_dtype: the torch path's context product in that dtype (bf16 training on the CPU);
     the Triton kernel keeps its own precision and the reference ignores it.
     """
     which = resolve_backend(regions, backend)

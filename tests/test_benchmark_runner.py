@@ -16,6 +16,7 @@ from afloc_cli.benchmark.runner import run_benchmark, select_items
 from afloc_cli.checkpoint.io import save_checkpoint
 from afloc_cli.cli import run
 from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapWriter, ImageRecord
 from afloc_cli.image.data.io import read_image_size
 from afloc_cli.image.data.transforms import Letterbox
@@ -192,3 +193,19 @@ def test_zero_shot_score_follows_the_readout(corpus, tmp_path):
     mirror = run_benchmark("synthetic", corpus, tmp_path / "mirror", heatmaps=tmp_path / "mirror.h5", split="test",
                            n_boot=20, readout="reference")
     assert float(mirror.auroc.filter(pl.col("category") == "macro")["auroc"][0]) > 0.95
+
+
+def test_contrast_readout_refused_before_localizing_a_one_category_dataset(tmp_path):
+    """RSNA has one category: the contrast readout has nothing to compare with, and says so before localizing."""
+    from dicom_factory import write_dicom  # tests/ is on sys.path under pytest
+
+    for name in ("p1", "p2"):
+        (tmp_path / "stage_2_train_images").mkdir(exist_ok=True)
+        write_dicom(tmp_path / "stage_2_train_images" / f"{name}.dcm", np.full((32, 48), 100, np.uint16))
+    (tmp_path / "stage_2_train_labels.csv").write_text(
+        "patientId,x,y,width,height,Target\np1,4.0,2.0,6.0,10.0,1\np2,,,,,0\n")
+    calls = []
+    with pytest.raises(AflocError, match="two or more prompts.*one category"):
+        run_benchmark("rsna", tmp_path, tmp_path / "out", localize=lambda *a: calls.append(a), n_boot=0,
+                      readout="contrast")
+    assert calls == []

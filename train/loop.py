@@ -105,7 +105,7 @@ def compute_losses(
     out: dict[str, torch.Tensor] = {}
     zero = x.new_zeros(())
     chunk = cfg.local_chunk
-    # bf16 training: the local losses' attention products in bf16 too (their softmaxes stay fp32).
+    # bf16 training: the local losses' context product in bf16 too (similarities and softmaxes stay fp32).
     matmul_dtype = torch.bfloat16 if precision == "bf16" else None
     if lc.use_global:
         out["global"] = lc.weight_global * global_loss(

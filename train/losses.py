@@ -52,7 +52,7 @@ def local_loss(
 ) -> Tensor:
     """L_DS / L_SW: logits = temp3 · R (see local_similarity), CE(img→txt) + CE(txt→img).
 
-    matmul_dtype: bf16 runs the CPU path's attention products in bf16 (bf16 training).
+    matmul_dtype: bf16 runs the CPU path's context product in bf16 (bf16 training).
 
     Images and texts must pair up (B_img = B_txt), matching pairs on the diagonal. R comes
     from `kernels.dispatch`: the fused Triton kernel on CUDA (flash-style, forward and

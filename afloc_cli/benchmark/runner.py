@@ -156,6 +156,9 @@ def run_benchmark(
         raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
     has_negatives = any(not it.positive for it in items)
     categories = sorted({it.category for it in items})
+    if readout == "contrast" and len(categories) < 2:  # before any localization: maps and AUROC alike need it
+        raise AflocError("the contrast readout needs two or more prompts per image, and this dataset has only "
+                         f"one category ({categories[0]!r}): use --readout reference", path=root)
 
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
@@ -202,11 +205,7 @@ def run_benchmark(
             templates = (prompt_template,) if readout == "contrast" else (prompt_template, NEGATIVE_TEMPLATE)
             needed = {t.format(category=c if t == prompt_template else c.lower())
                       for c in categories for t in templates}
-            if readout == "contrast" and len(categories) < 2:
-                has_negatives = False
-                notes.append("zero-shot AUROC skipped: the contrast readout compares a category's score with "
-                             "the other categories', and this dataset has one category")
-            elif not needed <= set(file_prompts):
+            if not needed <= set(file_prompts):
                 has_negatives = False
                 notes.append("zero-shot AUROC skipped: the heat-map file lacks the template prompts "
                              f"({' and '.join(repr(t) for t in templates)} per category)")
@@ -331,10 +330,7 @@ def _contrast_raw(hf: HeatmapFile, i: int, it: Item, categories: list[str], file
     would cancel the very signal the item is scored on.
     """
     others = [prompt_template.format(category=c) for c in categories if c != it.category]
-    others = [p for p in others if p != it.prompt]
-    if not others:
-        raise AflocError("the contrast readout needs two or more prompts per image, and this dataset has only "
-                         f"one category ({it.category!r}): use --readout reference")
+    others = [p for p in others if p != it.prompt]  # non-empty: run_benchmark checked for two categories
     missing_prompts = [p for p in others if p not in file_prompts]
     if missing_prompts:
         raise AflocError(f"the contrast readout needs every category's template prompt; the heat-map file lacks "
