@@ -463,3 +463,39 @@ def test_empty_shard(tmp_path: Path) -> None:
     out = small_writer(tmp_path / "empty.h5", n=0).finalize()
     with HeatmapFile.open(out) as hf:
         assert hf.n_images == 0 and hf.scores().shape == (0, 2) and hf.failures() == []
+
+
+def test_prompt_embeddings_round_trip_resume_and_merge(tmp_path: Path) -> None:
+    """The text-side vectors travel with the maps: stored, kept across a resume, carried through a merge."""
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    with pytest.raises(ValueError, match="prompt_embeddings shape"):
+        small_writer(tmp_path / "bad.h5", prompt_embeddings=np.zeros((3, 3)))
+    w = small_writer(tmp_path / "plain.h5")
+    fill(w)
+    with HeatmapFile.open(w.finalize()) as hf:
+        assert hf.prompt_embeddings() is None  # files without them (older ones too) read as before
+
+    # Interrupted after one batch; the resume recomputes slightly different vectors (another thread
+    # count): the file keeps the ones the first batch was computed against.
+    out = tmp_path / "resumed.h5"
+    first = small_writer(out, prompt_embeddings=vectors)
+    first.write_batch([0, 1], np.zeros((2, 2, 3, 3)), np.zeros((2, 2)), [make_record("p0.png"), make_record("p1.png")])
+    first.close()
+    again = small_writer(out, resume=True, prompt_embeddings=vectors + 1e-7)
+    again.write_batch([2, 3], np.zeros((2, 2, 3, 3)), np.zeros((2, 2)), [make_record("p2.png"), make_record("p3.png")])
+    with HeatmapFile.open(again.finalize()) as hf:
+        assert np.array_equal(hf.prompt_embeddings(), vectors)
+
+    shards = []
+    for k, shift in enumerate((0.0, 1e-7, 1.0)):
+        s = small_writer(tmp_path / f"s{k}.h5", n=1, paths=[f"q{k}.png"], indices=[k], prompt_embeddings=vectors + shift)
+        s.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record(f"q{k}.png")])
+        shards.append(s.finalize())
+    with HeatmapFile.open(merge(shards[:2], tmp_path / "merged.h5", allow_gaps=True)) as hf:
+        assert np.array_equal(hf.prompt_embeddings(), vectors)
+    with pytest.raises(AflocError, match="prompt embeddings differ"):
+        merge(shards, tmp_path / "refused.h5")
+    w = small_writer(tmp_path / "bare.h5", n=1, paths=["q3.png"], indices=[3])
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("q3.png")])
+    with HeatmapFile.open(merge([shards[0], w.finalize()], tmp_path / "mixed.h5", allow_gaps=True)) as hf:
+        assert hf.prompt_embeddings() is None

@@ -145,6 +145,13 @@ def test_localize_cli_exit_codes_and_json(tmp_path, tiny_checkpoint, image_folde
         assert hf.prompts == ["left effusion", "right pneumothorax"]
         assert hf.attrs["checkpoint_sha256"] == summary["checkpoint_sha256"]
         assert hf.raw(0, 0).shape == (hf.grid, hf.grid)
+        stored = hf.prompt_embeddings()
+    # The file keeps the vectors the maps were computed against (prompt ensembles are scored from them).
+    from afloc_cli.checkpoint.io import load_checkpoint
+
+    with torch.inference_mode():
+        expected = load_checkpoint(tiny_checkpoint).encode_prompts(["left effusion", "right pneumothorax"])
+    assert stored is not None and np.allclose(stored, expected.numpy(), atol=1e-6)
     # Refuses to overwrite; usage errors exit 2.
     assert _localize([str(image_folder), "--prompt", "x y", "--out", str(out)], tiny_checkpoint) == 2
     # A broken file: exit 3, the run goes on, the failure is recorded with its reason.

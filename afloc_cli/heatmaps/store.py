@@ -54,6 +54,7 @@ _LB_KEYS = ("size", "resized_height", "resized_width", "pad_top", "pad_left")
 _INT_COLUMNS = ("index", "height", "width", *(f"lb_{k}" for k in _LB_KEYS))
 _STR_COLUMNS = ("path", "reader", "status", "error")
 _BATCH_NAME = re.compile(r"^(\d{8})\.npz$")
+_EMBEDDINGS_NAME = "prompt_embeddings.npy"  # in the journal; /prompt_embeddings in the final file
 _GZIP_LEVEL = 4
 
 
@@ -217,7 +218,8 @@ def _root_attrs(header: _Header, n_images: int, created: str) -> dict[str, AttrV
     return dict(sorted(attrs.items()))
 
 
-def _write_h5(target: Path, header: _Header, n_images: int, created: str, rows: Iterable[Row]) -> None:
+def _write_h5(target: Path, header: _Header, n_images: int, created: str, rows: Iterable[Row],
+              prompt_embeddings: np.ndarray | None = None) -> None:
     """Write the complete file in one pass, rows in output order; a fixed order keeps the bytes reproducible."""
     n_prompts, grid = len(header.prompts), header.grid
     text = h5py.string_dtype("utf-8")
@@ -228,6 +230,8 @@ def _write_h5(target: Path, header: _Header, n_images: int, created: str, rows: 
         for key, value in _root_attrs(header, n_images, created).items():
             f.attrs[key] = value
         f.create_dataset("prompts", data=np.array(header.prompts, dtype=object), dtype=text, track_times=False)
+        if prompt_embeddings is not None:
+            f.create_dataset("prompt_embeddings", data=prompt_embeddings, track_times=False)
         chunked = n_images > 0
         maps = f.create_dataset(
             "heatmaps",
@@ -294,6 +298,7 @@ class HeatmapWriter:
         overwrite: bool = False,
         indices: Sequence[int] | None = None,
         created: str | None = None,
+        prompt_embeddings: np.ndarray | None = None,
     ) -> None:
         if resume and overwrite:
             raise AflocError("--resume and --overwrite contradict each other")
@@ -313,6 +318,13 @@ class HeatmapWriter:
             raise ValueError(f"{len(index_list)} indices for {len(paths)} paths")
         if len(set(index_list)) != len(index_list):
             raise ValueError("indices repeat")
+        if prompt_embeddings is not None:
+            prompt_embeddings = np.ascontiguousarray(prompt_embeddings, dtype=np.float32)
+            if prompt_embeddings.ndim != 2 or prompt_embeddings.shape[0] != len(prompts):
+                raise ValueError(f"prompt_embeddings shape {prompt_embeddings.shape}, expected ({len(prompts)}, D)")
+        # The text-side vectors the maps were computed against. Not part of the run's identity (the
+        # checkpoint sha256 is): recomputed on another thread count they may differ in the last bits.
+        self.prompt_embeddings = prompt_embeddings
         self.header = _Header(paths=[str(p) for p in paths], indices=index_list, prompts=list(prompts),
                               grid=int(grid), attrs=_normalize_attrs(attrs))
         self.n_images = len(paths)
@@ -347,6 +359,7 @@ class HeatmapWriter:
             self._refuse_mismatch(_Header.from_json(saved["header"]), self.journal)
             if not explicit_created:  # a resumed run keeps the time the run started
                 self.created = str(saved.get("created", self.created))
+            self._keep_embeddings()
             self._scan()
             _remove_stale_tmp(self.out)
             return
@@ -365,6 +378,20 @@ class HeatmapWriter:
         payload = {"kind": "afloc-heatmap-journal", "schema_version": SCHEMA_VERSION,
                    "created": self.created, "header": self.header.to_json()}
         _write_atomic(manifest, lambda fh: fh.write(json.dumps(payload, sort_keys=True).encode()))
+        self._keep_embeddings()
+
+    def _keep_embeddings(self) -> None:
+        """The journal's prompt embeddings win over this run's: the batches already written used them."""
+        saved = self.journal / _EMBEDDINGS_NAME
+        if saved.exists():
+            try:
+                self.prompt_embeddings = np.load(saved, allow_pickle=False)
+                return
+            except Exception:  # noqa: BLE001 - torn or damaged: write this run's instead
+                saved.unlink(missing_ok=True)
+        if self.prompt_embeddings is not None:
+            vectors = self.prompt_embeddings
+            _write_atomic(saved, lambda fh: np.save(fh, vectors, allow_pickle=False))
 
     def _refuse_mismatch(self, previous: _Header, where: Path) -> None:
         what = self.header.mismatch(previous)
@@ -473,7 +500,7 @@ class HeatmapWriter:
                              hint="run again with --resume to complete them")
         tmp = _final_tmp_name(self.out)
         try:
-            _write_h5(tmp, self.header, self.n_images, self.created, self._rows())
+            _write_h5(tmp, self.header, self.n_images, self.created, self._rows(), self.prompt_embeddings)
             _publish(tmp, self.out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -660,6 +687,12 @@ class HeatmapFile:
     def scores(self) -> np.ndarray:
         return self._f["scores"][()].astype(np.float32)
 
+    def prompt_embeddings(self) -> np.ndarray | None:
+        """(P, D) float32: each prompt's text-side vector the maps were computed against; None in older files."""
+        if "prompt_embeddings" not in self._f:
+            return None
+        return self._f["prompt_embeddings"][()].astype(np.float32)
+
     def record(self, i: int) -> ImageRecord:
         self._check(i)
         return self._records(slice(i, i + 1))[0]
@@ -756,6 +789,7 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
 
         records = [hf.records() for hf in opened]
         scores = [hf.scores() for hf in opened]
+        embeddings = _merged_embeddings(opened)
 
         def rows() -> Iterator[Row]:
             for g in order:
@@ -764,7 +798,7 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
 
         tmp = _final_tmp_name(out)
         try:
-            _write_h5(tmp, header, len(order), created, rows())
+            _write_h5(tmp, header, len(order), created, rows(), embeddings)
             _publish(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -773,6 +807,19 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
         for hf in opened:
             hf.close()
     return out
+
+
+def _merged_embeddings(opened: Sequence[HeatmapFile]) -> np.ndarray | None:
+    """The first shard's prompt embeddings when every shard has them; shards of one checkpoint agree to rounding."""
+    found = [hf.prompt_embeddings() for hf in opened]
+    if any(e is None for e in found):
+        return None
+    first = found[0]
+    for hf, e in zip(opened[1:], found[1:], strict=True):
+        if e.shape != first.shape or not np.allclose(e, first, rtol=1e-4, atol=1e-5):  # type: ignore[union-attr]
+            raise AflocError(f"its prompt embeddings differ from those of {opened[0].path}", path=hf.path,
+                             hint="merge only the shards of one run")
+    return first
 
 
 # ---------------------------------------------------------------------------------------------

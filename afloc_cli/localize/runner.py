@@ -94,6 +94,12 @@ def run_attrs(engine: LocalizationEngine, checkpoint_sha256: str, readout: str =
     }
 
 
+def _prompt_vectors(engine: LocalizationEngine) -> np.ndarray | None:
+    """The prompts' text-side vectors, kept in the file so prompt ensembles can be scored from it later."""
+    vectors = getattr(engine, "prompt_embeddings", None)
+    return None if vectors is None else vectors.detach().float().cpu().numpy()
+
+
 def run_localize(
     engine: LocalizationEngine,
     *,
@@ -127,6 +133,7 @@ def run_localize(
         attrs=run_attrs(engine, checkpoint_sha256, readout),
         resume=resume,
         overwrite=overwrite,
+        prompt_embeddings=_prompt_vectors(engine),
     )
     done = writer.done_indices()
     pending = [(i, p) for i, p in enumerate(paths) if i not in done]
