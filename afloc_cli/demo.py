@@ -106,18 +106,27 @@ def untrained_checkpoint(cfg, path: Path) -> Path:
     return path
 
 
+def corpus_class_prompts(corpus: Path) -> dict[str, list[str]]:
+    """The zero-shot class prompts `afloc synth` wrote beside the corpus (each kind's report vocabulary)."""
+    from afloc_cli.benchmark.class_prompts import load_class_prompts
+    from afloc_cli.synth.corpus import CLASS_PROMPTS_JSON
+
+    return load_class_prompts(corpus / CLASS_PROMPTS_JSON)
+
+
 def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200,
              level: Level = "deep") -> dict[str, BenchmarkResult]:
     """Benchmark the test split with both readouts; one localization serves both (the contrast run
     localizes every category's template prompt too). `level` picks the map (deep: the paper's)."""
     model = load_checkpoint(checkpoint)
+    ensembles = corpus_class_prompts(corpus)
     contrast = run_benchmark(
         "synthetic", corpus, out / "contrast", localize=_localizer(model, checkpoint, level), split="test",
-        prompt_source="phrase", n_boot=n_boot, readout="contrast",
+        prompt_source="phrase", n_boot=n_boot, readout="contrast", class_prompts=ensembles,
     )
     reference = run_benchmark(
         "synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5", split="test",
-        prompt_source="phrase", n_boot=n_boot, readout="reference",
+        prompt_source="phrase", n_boot=n_boot, readout="reference", class_prompts=ensembles,
     )
     return {"reference": reference, "contrast": contrast}
 

@@ -36,7 +36,14 @@ from rich.console import Console
 
 from afloc_cli.benchmark.runner import BenchmarkResult, run_benchmark
 from afloc_cli.config import small_config
-from afloc_cli.demo import DemoPlan, evaluate, pretrain, training_config, untrained_checkpoint
+from afloc_cli.demo import (
+    DemoPlan,
+    corpus_class_prompts,
+    evaluate,
+    pretrain,
+    training_config,
+    untrained_checkpoint,
+)
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
@@ -87,6 +94,8 @@ class RandomMapEngine:
         self.cfg = small_config()
         self.n_prompts = n_prompts
         self.generator = torch.Generator().manual_seed(seed)
+        # Vectors for the class-prompt average; their own stream, so the maps and scores stay as they were.
+        self.prompt_embeddings = torch.randn(n_prompts, 16, generator=torch.Generator().manual_seed(10_000 + seed))
 
     def __call__(self, frames: torch.Tensor):
         maps = torch.randn(frames.shape[0], self.n_prompts, self.grid, self.grid, generator=self.generator)
@@ -103,10 +112,12 @@ def random_baseline(corpus: Path, out: Path, image_size: int, seed: int, n_boot:
                      out=h5, checkpoint_sha256=f"random-maps-seed-{seed}", workers=0, overwrite=True, wanted=wanted)
         return h5, f"random-maps-seed-{seed}"
 
+    ensembles = corpus_class_prompts(corpus)
     contrast = run_benchmark("synthetic", corpus, out / "contrast", localize=localize, split="test",
-                             prompt_source="phrase", n_boot=n_boot, readout="contrast")
+                             prompt_source="phrase", n_boot=n_boot, readout="contrast", class_prompts=ensembles)
     reference = run_benchmark("synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5",
-                              split="test", prompt_source="phrase", n_boot=n_boot, readout="reference")
+                              split="test", prompt_source="phrase", n_boot=n_boot, readout="reference",
+                              class_prompts=ensembles)
     return {"reference": reference, "contrast": contrast}
 
 

@@ -488,14 +488,14 @@ def test_prompt_embeddings_round_trip_resume_and_merge(tmp_path: Path) -> None:
 
     shards = []
     for k, shift in enumerate((0.0, 1e-7, 1.0)):
-        s = small_writer(tmp_path / f"s{k}.h5", n=1, paths=[f"q{k}.png"], indices=[k], prompt_embeddings=vectors + shift)
+        s = small_writer(tmp_path / f"s{k}.h5", paths=[f"q{k}.png"], indices=[k], prompt_embeddings=vectors + shift)
         s.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record(f"q{k}.png")])
         shards.append(s.finalize())
     with HeatmapFile.open(merge(shards[:2], tmp_path / "merged.h5", allow_gaps=True)) as hf:
         assert np.array_equal(hf.prompt_embeddings(), vectors)
     with pytest.raises(AflocError, match="prompt embeddings differ"):
         merge(shards, tmp_path / "refused.h5")
-    w = small_writer(tmp_path / "bare.h5", n=1, paths=["q3.png"], indices=[3])
+    w = small_writer(tmp_path / "bare.h5", paths=["q3.png"], indices=[3])
     w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("q3.png")])
     with HeatmapFile.open(merge([shards[0], w.finalize()], tmp_path / "mixed.h5", allow_gaps=True)) as hf:
         assert hf.prompt_embeddings() is None

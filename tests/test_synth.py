@@ -270,3 +270,18 @@ def test_project_reader_sees_the_same_pixels(corpus: Path, labels) -> None:
         # any linear scaling is the reader's business; an inverted or garbled image is not
         corr = float(np.corrcoef(pixels.ravel(), image.ravel())[0, 1])
         assert corr > 0.999, (row["path"], corr)
+
+
+def test_class_prompts_name_each_kind_in_its_reports_words(corpus: Path, labels) -> None:
+    """class_prompts.json: one list per labels.csv column, each prompt in that kind's own vocabulary only."""
+    prompts = json.loads((corpus / "class_prompts.json").read_text())
+    assert list(prompts) == [k for k in labels[0] if k not in ("dicom_id", "path", "split")]
+    for kind in KINDS:
+        listed = prompts[kind.category]
+        assert listed and len(set(listed)) == len(listed)
+        for prompt in listed:
+            text = prompt.lower()
+            assert any(w in text for w in kind.keywords) or kind.key == "cardiomegaly", prompt
+            others = [k for k in KINDS if k.key != kind.key and not (set(k.keywords) & set(kind.keywords))]
+            assert not any(w in text for k in others for w in k.keywords), prompt
+            assert "left" not in text and "right" not in text  # presence, not place

@@ -21,6 +21,7 @@ import polars as pl
 import torch
 
 from afloc_cli import __version__
+from afloc_cli.benchmark.class_prompts import class_cosines, presence_scores, resolve_class_prompts
 from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
 from afloc_cli.benchmark.datasets.base import Item
 from afloc_cli.benchmark.metrics import (
@@ -48,30 +49,18 @@ PAPER = {
 }
 NEGATIVE_TEMPLATE = "No {category}."
 READOUTS = ("reference", "contrast")
+# The class's cosine is that of the mean of its class prompts' report embeddings (class_prompts.py):
+# the template prompt alone unless --class-prompts gives more.
 ZERO_SHOT = {
-    "reference": "two-way softmax (x10) of the global image-text cosine of the category's template prompt "
-                 f"against {NEGATIVE_TEMPLATE!r} (the reference's zero-shot classification)",
-    "contrast": "global image-text cosine of the category's template prompt minus its mean over the other "
-                "categories' template prompts on the same image",
+    "reference": "two-way softmax (x10) of the global image-text cosine of the category's class prompts (report "
+                 f"embeddings averaged) against {NEGATIVE_TEMPLATE!r} (the reference's zero-shot classification)",
+    "contrast": "global image-text cosine of the category's class prompts (report embeddings averaged) minus its "
+                "mean over the other categories' on the same image",
 }
-
-
-def zero_shot_score(image_scores: np.ndarray, category: str, categories: list[str], file_prompts: dict[str, int],
-                    prompt_template: str, readout: str) -> float:
-    """The image-level presence score of `category` from one image's prompt scores (cosines), per ZERO_SHOT.
-
-    The reference's negative prompt only separates what the text model separates: a general-purpose
-    sentence model puts "No pneumothorax." next to "pneumothorax", so the softmax can cancel what the
-    image side learned (benchmarks/RESULTS.md, "Zero-shot scores"). The contrast readout asks instead
-    which finding's prompt the image is closest to, as it does for the maps.
-    """
-    own = float(image_scores[file_prompts[prompt_template.format(category=category)]])
-    if readout == "contrast":
-        others = [float(image_scores[file_prompts[prompt_template.format(category=c)]])
-                  for c in categories if c != category]
-        return own - float(np.mean(others))
-    negative = float(image_scores[file_prompts[NEGATIVE_TEMPLATE.format(category=category.lower())]])
-    return float(torch.softmax(torch.tensor([own, negative]) * 10.0, 0)[0])
+# Why contrast exists for the image-level score too: the reference's negative prompt only separates what
+# the text model separates, and a general-purpose sentence model puts "No pneumothorax." next to
+# "pneumothorax", so the softmax can cancel what the image side learned (benchmarks/RESULTS.md,
+# "Zero-shot scores"). The contrast score asks which finding's prompts the image is closest to.
 
 
 @dataclass
@@ -139,11 +128,14 @@ def run_benchmark(
     limit: int | None = None,
     options: dict[str, Any] | None = None,
     readout: str = "reference",
+    class_prompts: dict[str, list[str]] | None = None,
 ) -> BenchmarkResult:
     """Score `dataset`; `localize(paths, prompts, wanted, h5)` makes the maps when no `heatmaps` file is given.
 
     `readout` "reference" scores each prompt's own map (the paper's); "contrast" scores it against the maps of
     the other categories' template prompts on the same image (`contrast_maps`), so those are always localized.
+    `class_prompts` {category: [prompt, ...]} are the positive prompts of the zero-shot score (default: the
+    template alone); their report embeddings are averaged, as the reference does.
     """
     if readout not in READOUTS:
         raise AflocError(f"--readout must be one of {', '.join(READOUTS)}, not {readout!r}")
@@ -160,16 +152,18 @@ def run_benchmark(
         raise AflocError("the contrast readout needs two or more prompts per image, and this dataset has only "
                          f"one category ({categories[0]!r}): use --readout reference", path=root)
 
+    ensembles = resolve_class_prompts(class_prompts, categories, prompt_template)
+    negatives = {c: NEGATIVE_TEMPLATE.format(category=c.lower()) for c in categories}
+
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
-    if has_negatives or readout == "contrast":
-        for c in categories:
-            wanted_templates = [prompt_template.format(category=c)]
-            if has_negatives:
-                wanted_templates.append(NEGATIVE_TEMPLATE.format(category=c.lower()))
-            for p in wanted_templates:
-                if p not in prompts:
-                    prompts.append(p)
+    for c in categories:  # every readout's prompts, so one file serves both (the demo scores it twice)
+        wanted_prompts = [prompt_template.format(category=c)] if has_negatives or readout == "contrast" else []
+        if has_negatives:
+            wanted_prompts += [*ensembles[c], negatives[c]]
+        for p in wanted_prompts:
+            if p not in prompts:
+                prompts.append(p)
     path_index = {p: i for i, p in enumerate(paths)}
     prompt_index = {p: j for j, p in enumerate(prompts)}
     wanted = np.zeros((len(paths), len(prompts)), dtype=bool)
@@ -200,20 +194,32 @@ def run_benchmark(
         if missing_prompts:
             raise AflocError(f"the heat-map file lacks {len(missing_prompts)} prompts, e.g. {missing_prompts[0]!r}",
                              path=heatmaps)
-        scores = hf.scores()
+        presence = None
         if has_negatives:
-            templates = (prompt_template,) if readout == "contrast" else (prompt_template, NEGATIVE_TEMPLATE)
-            needed = {t.format(category=c if t == prompt_template else c.lower())
-                      for c in categories for t in templates}
-            if not needed <= set(file_prompts):
+            needed = [p for c in categories for p in ensembles[c]]
+            if readout == "reference":
+                needed += list(negatives.values())
+            lacking = [p for p in needed if p not in file_prompts]
+            if lacking and class_prompts:
+                raise AflocError(f"the heat-map file lacks {len(lacking)} of the class prompts, e.g. {lacking[0]!r}",
+                                 path=heatmaps, hint="localize with them too, or score without --class-prompts")
+            if lacking:
                 has_negatives = False
-                notes.append("zero-shot AUROC skipped: the heat-map file lacks the template prompts "
-                             f"({' and '.join(repr(t) for t in templates)} per category)")
+                kinds = [repr(prompt_template)] + ([repr(NEGATIVE_TEMPLATE)] if readout == "reference" else [])
+                notes.append(f"zero-shot AUROC skipped: the heat-map file lacks the template prompts "
+                             f"({' and '.join(kinds)} per category)")
             elif absent := sum(1 for p in {str(it.image_path) for it in items if not it.positive}
                                if p not in file_rows):
                 has_negatives = False
                 notes.append(f"zero-shot AUROC skipped: the heat-map file lacks {absent} of the images without "
                              "a finding (localized for the positives only?)")
+            else:
+                scores = hf.scores()
+                own = class_cosines(scores, hf.prompt_embeddings(), ensembles, file_prompts, heatmaps)
+                negative = (None if readout == "contrast" else
+                            scores[:, [file_prompts[negatives[c]] for c in categories]].astype(np.float64))
+                presence = presence_scores(own, negative, readout)
+        column = {c: k for k, c in enumerate(categories)}
         for it in items:
             if not it.positive and not has_negatives:
                 continue
@@ -226,9 +232,8 @@ def run_benchmark(
             if record.status != "ok":
                 notes.append(f"{it.image_path}: not scored ({record.error})")
                 continue
-            if has_negatives:
-                score = zero_shot_score(scores[i], it.category, categories, file_prompts, prompt_template, readout)
-                score_rows.append({**base, "positive": it.positive, "score": score})
+            if presence is not None:
+                score_rows.append({**base, "positive": it.positive, "score": float(presence[i, column[it.category]])})
             if not it.positive:
                 continue
             lb = Letterbox(**record.letterbox)
@@ -272,6 +277,7 @@ def run_benchmark(
                      "raw grid of the item's prompt minus the mean raw grid of the other categories' template "
                      f"prompts ({prompt_template!r}) on the same image, before smoothing"),
         "zero_shot": None if not has_negatives else ZERO_SHOT[readout],
+        "class_prompts": ensembles if has_negatives else None,
         "prompt_source": prompt_source,
         "prompt_template": prompt_template,
         "negative_template": NEGATIVE_TEMPLATE if has_negatives and readout == "reference" else None,

@@ -83,10 +83,15 @@ def benchmark_command(
     readout: str = typer.Option("reference", "--readout", help="reference (the paper's: each prompt's own map; "
                                 "AUROC from the prompt against 'No {finding}.') or contrast (maps and AUROC "
                                 "scores against the other categories' prompts; needs two or more)."),
+    class_prompts: Path | None = typer.Option(None, "--class-prompts", help="JSON {category: [prompt, ...]}: "
+                                              "the zero-shot score's positive prompts per category, their "
+                                              "embeddings averaged as the reference does (default: the template "
+                                              "alone). `afloc synth` writes one as class_prompts.json."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np
 
+    from afloc_cli.benchmark.class_prompts import load_class_prompts
     from afloc_cli.benchmark.runner import run_benchmark
     from afloc_cli.checkpoint.loader import checkpoint_path, load_any
     from afloc_cli.localize.runner import run_localize
@@ -100,6 +105,7 @@ def benchmark_command(
         sweep = tuple(float(t) for t in thresholds.split(","))
     except ValueError as exc:
         raise AflocError(f"--thresholds must be a comma list of numbers, not {thresholds!r}") from exc
+    ensembles = load_class_prompts(class_prompts) if class_prompts is not None else None
     console = Console(stderr=True)
 
     def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
@@ -116,7 +122,8 @@ def benchmark_command(
     options = {"mimic_root": mimic_root} if mimic_root is not None else {}
     result = run_benchmark(dataset, root, out, heatmaps=heatmaps, localize=localize if heatmaps is None else None,
                            split=split, prompt_template=prompt_template, prompt_source=prompt_source,
-                           thresholds=sweep, n_boot=bootstrap, limit=limit, options=options, readout=readout)
+                           thresholds=sweep, n_boot=bootstrap, limit=limit, options=options, readout=readout,
+                           class_prompts=ensembles)
     if output_format == "json":
         typer.echo(json.dumps({"summary": result.summary.to_dicts(),
                                "auroc": None if result.auroc is None else result.auroc.to_dicts(),

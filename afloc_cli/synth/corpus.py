@@ -10,6 +10,7 @@ Layout under OUT (OUT plays the role of MIMIC-CXR-JPG's `2.0.0/` root):
   labels.csv                                         one row per image, 0/1 per kind
   manifest.csv                                       image_path, report, split, dicom_id
   synth.json                                         seed, kinds, held-out kind, counts
+  class_prompts.json                                 each kind's positive prompts (`afloc benchmark --class-prompts`)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from afloc_cli.synth.render import (
     render_anatomy,
     with_heart,
 )
-from afloc_cli.synth.reports import compose_report, finding_phrase, wording
+from afloc_cli.synth.reports import class_prompts, compose_report, finding_phrase, wording
 from afloc_cli.synth.sample import (
     MIN_BOX_FRACTION,
     assign_places,
@@ -54,6 +55,7 @@ GROUND_TRUTH_CSV = "MS_CXR_Local_Alignment_v1.1.0.csv"
 LABELS_CSV = "labels.csv"
 MANIFEST_CSV = "manifest.csv"
 SYNTH_JSON = "synth.json"
+CLASS_PROMPTS_JSON = "class_prompts.json"
 GROUND_TRUTH_COLUMNS = (
     "dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height", "split",
 )  # fmt: skip
@@ -343,6 +345,7 @@ def write_tables(out: Path, config: SynthConfig, cases: list[SynthCase]) -> Corp
     _write_csv(out / MANIFEST_CSV, MANIFEST_COLUMNS, manifest_rows)
     summary = CorpusSummary(out, config, images, normal, boxes, kinds, formats)
     (out / SYNTH_JSON).write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+    (out / CLASS_PROMPTS_JSON).write_text(json.dumps(class_prompts(), indent=2) + "\n", encoding="utf-8")
     return summary
 
 

@@ -212,3 +212,23 @@ def compose_report(
         sentences.append(_pick(rng, NORMAL_IMPRESSION))
     order = rng.permutation(len(sentences))
     return " ".join(sentences[int(i)] for i in order)
+
+
+def class_prompts() -> dict[str, list[str]]:
+    """Each kind's positive prompts for zero-shot scoring, one per way the reports name it (by category name).
+
+    The reference scores a class with the mean of several positive prompts' report embeddings, written
+    in the class's own radiology vocabulary; these are that list for the synthetic corpus, without
+    places or sides (a presence score, not a location).
+    """
+    from afloc_cli.synth.kinds import KINDS
+
+    out: dict[str, list[str]] = {}
+    for kind in KINDS:
+        if kind.key == "cardiomegaly":
+            out[kind.category] = ["There is cardiomegaly.", "The heart is enlarged.",
+                                  "The cardiac silhouette is enlarged."]
+            continue
+        out[kind.category] = [f"There is {_article(noun) + ' ' if countable else ''}{noun}."
+                              for noun, countable in NOUNS[kind.key]]
+    return out
