@@ -79,7 +79,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(corpus: Path, tmp_
     again = tmp_path / "b"
     generate_corpus(again, CONFIG, workers=2)
     first, second = _hashes(corpus), _hashes(again)
-    assert len(first) == N + 4
+    assert len(first) == N + 5  # images, three CSVs, synth.json, class_prompts.json
     assert first == second
 
 
