@@ -209,3 +209,19 @@ def test_contrast_readout_refused_before_localizing_a_one_category_dataset(tmp_p
         run_benchmark("rsna", tmp_path, tmp_path / "out", localize=lambda *a: calls.append(a), n_boot=0,
                       readout="contrast")
     assert calls == []
+
+
+def test_peak_offsets_of_oracle_maps_lie_inside_their_boxes(corpus, tmp_path):
+    """benchmarks/peak_offsets.py maps each peak back through the letterbox: truth-made maps peak in their box."""
+    import subprocess
+    import sys
+
+    _oracle_file(corpus, tmp_path / "oracle.h5")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peak_offsets.py"
+    categories = sorted({it.category for it in read_dataset("synthetic", corpus, split="test")[0] if it.positive})
+    for category in categories:
+        done = subprocess.run([sys.executable, str(script), "--corpus", str(corpus), "--heatmaps",
+                               str(tmp_path / "oracle.h5"), "--category", category],
+                              capture_output=True, text=True, check=True)
+        first = done.stdout.splitlines()[0]
+        assert first.endswith("raw peak inside the box 1.00"), (category, done.stdout)

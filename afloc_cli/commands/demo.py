@@ -35,8 +35,9 @@ def demo_command(
     console.print(table)
     console.print("maps: the deep (sentence-level) map, the paper's, unless 'fused map' (deep + shallow word-level "
                   "map, an extension). readouts: reference = each phrase's own map, and AUROC from the finding's "
-                  "prompt against 'No finding.' (the paper's); contrast = maps and AUROC against the other "
-                  "findings' prompts. CNR is signed; AUROC is zero-shot presence from the global embedding.")
+                  "class prompts against 'No finding.' (the paper's); contrast = maps and AUROC against the other "
+                  "findings' prompts. CNR is signed; AUROC is zero-shot presence from the global embedding, each "
+                  "finding's class prompts (corpus/class_prompts.json) averaged as the reference does.")
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")
     console.print(f"timings (s): {report['timings_s']}")
