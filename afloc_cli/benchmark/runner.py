@@ -201,8 +201,10 @@ def run_benchmark(
                 needed += list(negatives.values())
             lacking = [p for p in needed if p not in file_prompts]
             if lacking and class_prompts:
-                raise AflocError(f"the heat-map file lacks {len(lacking)} of the class prompts, e.g. {lacking[0]!r}",
-                                 path=heatmaps, hint="localize with them too, or score without --class-prompts")
+                raise AflocError(f"the heat-map file lacks {len(lacking)} of the zero-shot prompts (the class prompts"
+                                 f"{', and No {category}. for this readout' if readout == 'reference' else ''}), "
+                                 f"e.g. {lacking[0]!r}", path=heatmaps,
+                                 hint="localize with them too, or score without --class-prompts")
             if lacking:
                 has_negatives = False
                 kinds = [repr(prompt_template)] + ([repr(NEGATIVE_TEMPLATE)] if readout == "reference" else [])
