@@ -42,8 +42,9 @@ class DemoPlan:
         maps and the zero-shot scores in the learning benchmark), 160 px (a 10x10 deep grid; 128 px gives 8x8,
         which the sigma-1.5 smoothing flattens), batch 16 at lr 1e-3 for 18 epochs (1,566 steps), decayed
         0.921 per epoch so the last epoch's rate equals that of 14 epochs at 0.9 (and of the learning
-        benchmark's 28 at 0.949): the contrastive losses only leave chance after ~200 steps, and twice the
-        14-epoch schedule improved every map and score there. Whole reports rather than the reference's
+        benchmark's 28 at 0.949): the local losses leave chance only after 300-800 steps (once in five
+        learning-benchmark seeds after 2,100: RESULTS.md, "Seeds 4 and 5"), and twice the 14-epoch schedule
+        improved every map and score there. Whole reports rather than the reference's
         sentence subsets: a subset drops the sentence naming the finding about half the time; whole reports
         alone took the pointing game from 0.09 to 0.29 in a 400-image run. Frozen text (its features cached),
         bf16 where the CPU has it, no loader workers (two cores are better spent on the steps).

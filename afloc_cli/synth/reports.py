@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from afloc_cli.synth.kinds import KIND_BY_KEY
+from afloc_cli.synth.kinds import KIND_BY_KEY, KINDS
 from afloc_cli.synth.render import Finding
 
 # (noun, countable) per kind; a countable noun takes "a"/"an".
@@ -221,8 +221,6 @@ def class_prompts() -> dict[str, list[str]]:
     in the class's own radiology vocabulary; these are that list for the synthetic corpus, without
     places or sides (a presence score, not a location).
     """
-    from afloc_cli.synth.kinds import KINDS
-
     out: dict[str, list[str]] = {}
     for kind in KINDS:
         if kind.key == "cardiomegaly":
