@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
 from afloc_cli.vlp.inference_engine import Level, LocalizationEngine
+
+Localize = Callable[[list[Path], list[str], np.ndarray, Path], tuple[Path, str]]
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,14 @@ def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200,
              level: Level = "deep") -> dict[str, BenchmarkResult]:
     """Benchmark the test split with both readouts; one localization serves both (the contrast run
     localizes every category's template prompt too). `level` picks the map (deep: the paper's)."""
-    model = load_checkpoint(checkpoint)
+    return evaluate_with(localizer(load_checkpoint(checkpoint), checkpoint, level), corpus, out, n_boot)
+
+
+def evaluate_with(localize: Localize, corpus: Path, out: Path, n_boot: int = 200) -> dict[str, BenchmarkResult]:
+    """`evaluate` for any maps: `localize(paths, prompts, wanted, h5)` makes them (see run_benchmark)."""
     ensembles = corpus_class_prompts(corpus)
     contrast = run_benchmark(
-        "synthetic", corpus, out / "contrast", localize=_localizer(model, checkpoint, level), split="test",
+        "synthetic", corpus, out / "contrast", localize=localize, split="test",
         prompt_source="phrase", n_boot=n_boot, readout="contrast", class_prompts=ensembles,
     )
     reference = run_benchmark(
@@ -207,9 +214,11 @@ def _metrics(result: BenchmarkResult) -> dict[str, float | None]:
             "pointing": values.get("pointing"), "auroc": auroc}
 
 
-def _localizer(model, checkpoint: Path, level: Level = "deep"):
+def localizer(model, checkpoint: Path, level: Level = "deep",
+              engine_class: type[LocalizationEngine] = LocalizationEngine) -> Localize:
+    """The localize callback of `run_benchmark` for `model` on this CPU (no loader workers, overwriting)."""
     def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
-        engine = LocalizationEngine(model, prompts, device=torch.device("cpu"), level=level)
+        engine = engine_class(model, prompts, device=torch.device("cpu"), level=level)
         sha = sha256_file(checkpoint)
         run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
                      checkpoint_sha256=sha, workers=0, overwrite=True, wanted=wanted)

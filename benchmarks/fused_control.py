@@ -21,14 +21,11 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from afloc_cli.benchmark.runner import run_benchmark
-from afloc_cli.checkpoint.io import load_checkpoint, sha256_file
-from afloc_cli.image.data.transforms import normalize
-from afloc_cli.localize.runner import run_localize
+from afloc_cli.checkpoint.io import load_checkpoint
+from afloc_cli.demo import evaluate_with, localizer
 from afloc_cli.vlp.inference_engine import EngineOutput, LocalizationEngine
 from kernels.dispatch import localization_maps
 
@@ -38,34 +35,19 @@ class DeepOnShallowGrid(LocalizationEngine):
 
     @torch.inference_mode()
     def __call__(self, frames: torch.Tensor) -> EngineOutput:
-        pre = self.cfg.preprocess
-        x = normalize(frames.to(self.device), pre.mean, pre.std)
-        feats = self.encode_images(x.contiguous(), ("shallow", "deep", "global"))
-        mode = self.cfg.heatmap.similarity
-        deep, stats = localization_maps(feats.deep.float(), self.prompt_embeddings, mode,
+        feats = self.features(frames)  # built with level="fused": shallow, deep and global
+        deep, stats = localization_maps(feats.deep.float(), self.prompt_embeddings, self.cfg.heatmap.similarity,
                                         global_=feats.global_.float(), normalize=True)
         maps = F.interpolate(deep, size=feats.shallow.shape[-2:], mode="bilinear", align_corners=False)
         return EngineOutput(maps=maps.float().cpu(), scores=stats.scores.float().cpu())
 
 
 def score(checkpoint: Path, corpus: Path, out: Path, level: str) -> dict[str, tuple[float, float]]:
-    model = load_checkpoint(checkpoint)
     holdout = json.loads((corpus / "synth.json").read_text())["held_out"]["category_name"]
-
-    def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
-        cls = DeepOnShallowGrid if level == "control" else LocalizationEngine
-        engine = cls(model, prompts, device=torch.device("cpu"), level="fused")
-        sha = sha256_file(checkpoint)
-        run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
-                     checkpoint_sha256=sha, workers=0, overwrite=True, wanted=wanted)
-        return h5, sha
-
+    engine = DeepOnShallowGrid if level == "control" else LocalizationEngine
+    localize = localizer(load_checkpoint(checkpoint), checkpoint, "fused", engine_class=engine)
     results = {}
-    contrast = run_benchmark("synthetic", corpus, out / "contrast", localize=localize, split="test",
-                             prompt_source="phrase", n_boot=100, readout="contrast")
-    reference = run_benchmark("synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5",
-                              split="test", prompt_source="phrase", n_boot=100, readout="reference")
-    for name, result in (("reference", reference), ("contrast", contrast)):
+    for name, result in evaluate_with(localize, corpus, out, n_boot=100).items():
         seen = result.per_category.filter(result.per_category["category"] != holdout)
         results[name] = (float(seen["pointing"].mean()), float(seen["iou"].mean()))
     return results

@@ -46,13 +46,7 @@ from afloc_cli.image.model.encoder import ImageEncoder  # noqa: E402
 from afloc_cli.vlp.heatmap import frame_maps  # noqa: E402
 from kernels import cpu, dispatch  # noqa: E402
 from kernels import local_alignment as la  # noqa: E402
-
-
-def similarity(grid: torch.Tensor, prompts: torch.Tensor, mode: str) -> torch.Tensor:
-    """The naive maps: one einsum (cosine: normalised copies first), as the engine computed them before kernels/."""
-    if mode == "cosine":
-        grid, prompts = F.normalize(grid, dim=1), F.normalize(prompts, dim=1)
-    return torch.einsum("bchw,pc->bphw", grid, prompts)
+from kernels.localization import reference_localization  # noqa: E402
 
 LEVELS = {  # (units T, regions M, dim d) of the two local levels at the reference sizes
     "sentences": (12, 19 * 19, 768),
@@ -236,7 +230,7 @@ def localize_section(device: torch.device, quick: bool, rows: list[Row]) -> None
     def eager() -> torch.Tensor:
         with torch.inference_mode():
             f = encoder(normalize(frames).contiguous(), ("deep", "global"))
-            return frame_maps(similarity(f.deep.float(), prompts, "dot"), size)
+            return frame_maps(reference_localization(f.deep.float(), prompts, "dot")[0], size)
 
     if device.type == "cuda":
         fast_enc = cpu.FastImageEncoder(
@@ -264,7 +258,7 @@ def localize_section(device: torch.device, quick: bool, rows: list[Row]) -> None
 
 def naive_localization(grid: torch.Tensor, prompts: torch.Tensor, mode: str, global_: torch.Tensor) -> tuple:
     """The composition the engine used before kernels/: einsum, separate min/max, min-max, scores."""
-    maps = similarity(grid.float(), prompts, mode)
+    maps, _ = reference_localization(grid.float(), prompts, mode)  # einsum (cosine: normalised copies)
     flat = maps.flatten(-2)
     lo = flat.min(-1, keepdim=True).values.unsqueeze(-1)
     hi = flat.max(-1, keepdim=True).values.unsqueeze(-1)

@@ -34,16 +34,9 @@ import polars as pl
 import torch
 from rich.console import Console
 
-from afloc_cli.benchmark.runner import BenchmarkResult, run_benchmark
+from afloc_cli.benchmark.runner import BenchmarkResult
 from afloc_cli.config import small_config
-from afloc_cli.demo import (
-    DemoPlan,
-    corpus_class_prompts,
-    evaluate,
-    pretrain,
-    training_config,
-    untrained_checkpoint,
-)
+from afloc_cli.demo import DemoPlan, evaluate, evaluate_with, pretrain, training_config, untrained_checkpoint
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
@@ -112,13 +105,7 @@ def random_baseline(corpus: Path, out: Path, image_size: int, seed: int, n_boot:
                      out=h5, checkpoint_sha256=f"random-maps-seed-{seed}", workers=0, overwrite=True, wanted=wanted)
         return h5, f"random-maps-seed-{seed}"
 
-    ensembles = corpus_class_prompts(corpus)
-    contrast = run_benchmark("synthetic", corpus, out / "contrast", localize=localize, split="test",
-                             prompt_source="phrase", n_boot=n_boot, readout="contrast", class_prompts=ensembles)
-    reference = run_benchmark("synthetic", corpus, out / "reference", heatmaps=out / "contrast" / "heatmaps.h5",
-                              split="test", prompt_source="phrase", n_boot=n_boot, readout="reference",
-                              class_prompts=ensembles)
-    return {"reference": reference, "contrast": contrast}
+    return evaluate_with(localize, corpus, out, n_boot)
 
 
 def rows_of(result: BenchmarkResult, row: str, readout: str, seed: int, holdout: str) -> list[dict]:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from afloc_cli.benchmark.class_prompts import presence_scores
 from afloc_cli.benchmark.metrics import auroc
 from afloc_cli.benchmark.runner import NEGATIVE_TEMPLATE
 from afloc_cli.heatmaps.store import HeatmapFile
@@ -35,12 +36,9 @@ TEMPLATE = "Findings suggesting {category}."
 
 def rule_scores(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
     """(images, prompts) cosines -> (images, kinds) per rule; pos/neg index each kind's two prompts."""
-    own, negative = scores[:, pos], scores[:, neg]
-    k = len(pos)
-    others = (own.sum(1, keepdims=True) - own) / (k - 1)
-    two_way = 1.0 / (1.0 + np.exp(-10.0 * (own - negative)))  # softmax([own, negative] * 10)[0]
-    return {"reference (vs 'No x.')": two_way, "positive only": own, "negative only": negative,
-            "contrast (vs other findings)": own - others}
+    own, negative = scores[:, pos].astype(np.float64), scores[:, neg].astype(np.float64)
+    return {"reference (vs 'No x.')": presence_scores(own, negative, "reference"), "positive only": own,
+            "negative only": negative, "contrast (vs other findings)": presence_scores(own, None, "contrast")}
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from afloc_cli.errors import AflocError
+from afloc_cli.vlp.heatmap import contrast_maps
 
 
 def load_class_prompts(path: Path) -> dict[str, list[str]]:
@@ -73,9 +75,8 @@ def class_cosines(scores: np.ndarray, embeddings: np.ndarray | None, ensembles: 
 
 def presence_scores(own: np.ndarray, negative: np.ndarray | None, readout: str) -> np.ndarray:
     """(N, C) class cosines -> (N, C) zero-shot presence scores per the readout (runner.ZERO_SHOT says how)."""
-    if readout == "contrast":
-        k = own.shape[1]
-        return own - (own.sum(1, keepdims=True) - own) / (k - 1)
+    if readout == "contrast":  # the maps' contrast readout, on 1x1 "maps" of the categories
+        return contrast_maps(torch.from_numpy(own)[:, :, None, None])[:, :, 0, 0].numpy()
     if negative is None:
         raise ValueError("the reference score needs the negative prompts' cosines")
     return 1.0 / (1.0 + np.exp(-10.0 * (own - negative)))  # softmax([own, negative] * 10)[0]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
-from afloc_cli.image.model.encoder import grid_sizes
+from afloc_cli.image.model.encoder import ImageFeatures, grid_sizes
 from afloc_cli.vlp.model import AflocModel
 from kernels.dispatch import localization_maps
 
@@ -88,8 +88,8 @@ class LocalizationEngine:
         return self.cfg.preprocess.image_size
 
     @torch.inference_mode()
-    def __call__(self, frames: torch.Tensor) -> EngineOutput:
-        """frames: (B, S, S) uint8 letterboxed images."""
+    def features(self, frames: torch.Tensor) -> ImageFeatures:
+        """frames: (B, S, S) uint8 letterboxed images -> the encoder's features at the levels this map needs."""
         pre = self.cfg.preprocess
         x = normalize(frames.to(self.device, non_blocking=True), pre.mean, pre.std)
         levels = {"deep": ("deep", "global"), "shallow": ("shallow", "global")}.get(
@@ -97,7 +97,12 @@ class LocalizationEngine:
         )
         fast_cpu = self.encode_images is not self.model.encode_images
         with contextlib.nullcontext() if fast_cpu else autocast(self.device, self.precision):
-            feats = self.encode_images(x.contiguous(), levels)
+            return self.encode_images(x.contiguous(), levels)
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> EngineOutput:
+        """frames: (B, S, S) uint8 letterboxed images."""
+        feats = self.features(frames)
         mode = self.cfg.heatmap.similarity
         global_ = feats.global_.float()
         if self.level in ("deep", "shallow"):
