@@ -222,13 +222,14 @@ def run_benchmark(
                             scores[:, [file_prompts[negatives[c]] for c in categories]].astype(np.float64))
                 presence = presence_scores(own, negative, readout)
         column = {c: k for k, c in enumerate(categories)}
+        records = hf.records()  # column by column, once: not one small read per item
         for it in items:
             if not it.positive and not has_negatives:
                 continue
             i = file_rows.get(str(it.image_path))
             if i is None:
                 raise AflocError(f"the heat-map file has no map for {it.image_path}", path=heatmaps)
-            record = hf.record(i)
+            record = records[i]
             base = {"item_id": it.item_id, "image_id": it.image_id, "category": it.category,
                     "prompt": it.prompt, "split": it.split or ""}
             if record.status != "ok":
