@@ -292,3 +292,47 @@ def test_report_sampling_setting(cache, tmp_path):
         assert ds.text_for(i, 0).n_sentences == len(ds.sentences[i])
     with pytest.raises(AflocError):
         _cfg("report_sampling=some")
+
+
+def test_word_warmup_eases_the_word_loss_in(cache, tmp_path, monkeypatch):
+    """optim.word_warmup=N scales the word loss in the optimised total by (step+1)/N, then 1; logs stay raw."""
+    import train.loop as loop
+
+    scales: list[float] = []
+    totals: list[tuple[float, float]] = []
+    real = loop.compute_losses
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        scale = kwargs.get("word_scale", 1.0)
+        scales.append(scale)
+        expected = out["global"] + out["sentence"] + scale * out["word"]
+        totals.append((float(out["total"].detach()), float(expected.detach())))
+        return out
+
+    monkeypatch.setattr(loop, "compute_losses", spy)
+    trainer = Trainer(_cfg("epochs=2", "optim.word_warmup=4", "val_every=0"), FrameCache(cache), tmp_path / "ww")
+    trainer.fit()
+    assert trainer.state.step == 10  # 5 steps per epoch
+    assert scales[:4] == [0.25, 0.5, 0.75, 1.0]  # then full weight, in training and in validation
+    assert len(scales) > 10 and all(s == 1.0 for s in scales[4:])
+    for got, want in totals:
+        assert got == pytest.approx(want, rel=1e-6)
+    assert loop.word_scale_at(0, 0) == 1.0 and loop.word_scale_at(9, 10) == 1.0 and loop.word_scale_at(99, 10) == 1.0
+    with pytest.raises(AflocError, match="word_warmup"):
+        _cfg("optim.word_warmup=-1")
+
+
+def test_resume_inside_the_word_warmup_is_exact(cache, tmp_path):
+    """The warm-in factor comes from the step count, so a run stopped inside it resumes bit for bit."""
+    straight = Trainer(_cfg("epochs=2", "optim.word_warmup=8"), FrameCache(cache), tmp_path / "a")
+    straight.fit()
+    first = Trainer(_cfg("epochs=2", "optim.word_warmup=8", "max_steps=3"), FrameCache(cache), tmp_path / "b")
+    first.fit()
+    resumed = Trainer(_cfg("epochs=2", "optim.word_warmup=8"), FrameCache(cache), tmp_path / "b")
+    assert resumed.resume() and resumed.state.step == 3
+    resumed.fit()
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)

@@ -24,6 +24,10 @@ class OptimConfig:
     grad_clip: float = 0.25
     accumulate: int = 1  # gradient accumulation steps per optimizer step
     text_lr: float | None = None  # the text encoder's learning rate (None: lr, as the reference)
+    # Optimizer steps over which the word loss's weight rises linearly from 0 to its full value (0: full from
+    # the first step, as the reference). From scratch, the word loss's noise at chance can hold the global and
+    # sentence losses at chance too (RESULTS.md, "Word-loss warm-in"); easing it in lets those start first.
+    word_warmup: int = 0
 
 
 @dataclass
@@ -111,6 +115,8 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         raise AflocError(f"bad training setting: {exc}") from exc
     if cfg.report_sampling not in REPORT_SAMPLING:
         raise AflocError(f"report_sampling must be one of {', '.join(REPORT_SAMPLING)}, not {cfg.report_sampling!r}")
+    if cfg.optim.word_warmup < 0:
+        raise AflocError(f"optim.word_warmup must be >= 0 optimizer steps, not {cfg.optim.word_warmup}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise AflocError(f"precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}")
     return cfg

@@ -92,8 +92,13 @@ def compute_losses(
     device: torch.device,
     precision: str,
     text_features: FrozenTextFeatures | None = None,
+    word_scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """The three losses over the global batch (embeddings gathered from every rank)."""
+    """The three losses over the global batch (embeddings gathered from every rank), each with its weight.
+
+    "total" is what is optimised: their sum, with the word loss further scaled by `word_scale` (the
+    warm-in, see word_scale_at); the word entry itself stays unscaled, so logged values compare across steps.
+    """
     lc = cfg.model.loss
     pre = cfg.model.preprocess
     x = normalize(frames.to(device), pre.mean, pre.std).contiguous()
@@ -125,8 +130,13 @@ def compute_losses(
             gather_padded(txt.word_mask, dist),
             lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype,
         )
-    out["total"] = sum(out.values(), zero)
+    out["total"] = sum((word_scale * v if k == "word" else v for k, v in out.items()), zero)
     return out
+
+
+def word_scale_at(step: int, warmup: int) -> float:
+    """The word loss's warm-in factor for optimizer step `step` (0-based): linear to 1 over `warmup` steps."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
 
 
 def levels_for(cfg: TrainConfig) -> tuple[str, ...]:
@@ -324,7 +334,8 @@ class Trainer:
                 micro = 0
                 for frames, texts in loader:
                     losses = compute_losses(self.forward, self.model, frames, texts, cfg, self.dist,
-                                            self.device, self.precision, self.text_features)
+                                            self.device, self.precision, self.text_features,
+                                            word_scale=word_scale_at(self.state.step, cfg.optim.word_warmup))
                     total = losses["total"]
                     if not math.isfinite(float(total.detach())):
                         raise NonFiniteLoss(
