@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 from afloc_cli.cli import run
@@ -27,18 +29,21 @@ def test_quick_demo_writes_every_output(tmp_path, capsys):
         assert protocol["readout"] == readout
 
 
+def _run_script(cmd: list[str], cwd: Path) -> None:
+    """Run a benchmark script; on failure, show the tail of what it printed (CI keeps only the assertion)."""
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    assert done.returncode == 0, f"exit {done.returncode}: {' '.join(cmd[1:])}\n{done.stderr[-4000:]}"
+
+
 def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     """benchmarks/learning.py end to end on a tiny budget, then --reuse-runs re-scores without training."""
-    import subprocess
-    import sys
-
     import polars as pl
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "learning"
     cmd = [sys.executable, str(repo / "benchmarks" / "learning.py"), "--out", str(out), "--quick", "--seeds", "1",
            "--bootstrap", "5", "--workers", "0"]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=repo)
+    _run_script(cmd, repo)
     table = pl.read_csv(out / "per_seed.csv")
     rows = set(table["row"])
     assert rows == {"full (global+sentence+word)", "global+sentence (GLoRIA-like)", "global only (ConVIRT-like)",
@@ -49,14 +54,14 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     assert table.filter(pl.col("held_out"))["kind"].unique().to_list() == [held_out]
     model = out / "runs" / "global-sent-word-seed1" / "model.safetensors"
     before = model.stat().st_mtime_ns
-    subprocess.run([*cmd, "--reuse-runs"], check=True, capture_output=True, cwd=repo)
+    _run_script([*cmd, "--reuse-runs"], repo)
     assert model.stat().st_mtime_ns == before  # not trained again
     runs = json.loads((out / "learning.json").read_text())["runs"]
     assert all(r["train_s"] is None and r["steps"] == 2 for r in runs)
     assert pl.read_csv(out / "per_seed.csv").height == table.height
     # The same runs scored serially and by two worker processes, one thread each (thread counts change the
     # last bits of the products): the same table, row for row.
-    subprocess.run([*cmd, "--reuse-runs", "--threads", "1"], check=True, capture_output=True, cwd=repo)
+    _run_script([*cmd, "--reuse-runs", "--threads", "1"], repo)
     serial = pl.read_csv(out / "per_seed.csv")
-    subprocess.run([*cmd, "--reuse-runs", "--jobs", "2", "--threads", "1"], check=True, capture_output=True, cwd=repo)
+    _run_script([*cmd, "--reuse-runs", "--jobs", "2", "--threads", "1"], repo)
     assert pl.read_csv(out / "per_seed.csv").equals(serial)
