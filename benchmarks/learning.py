@@ -13,6 +13,7 @@ figures (mean and spread over the seeds), with the held-out kind apart.
     .venv/bin/python benchmarks/learning.py --out /tmp/l --quick           # a smoke run of the whole chain
     .venv/bin/python benchmarks/learning.py --out /tmp/learning --reuse-runs --jobs 2   # re-score, no training
     .venv/bin/python benchmarks/learning.py --out /tmp/l14 --epochs 14 --set optim.step_gamma=0.9  # half the steps
+    .venv/bin/python benchmarks/learning.py --out /tmp/l4x --train-images 5600 --seeds 5 --jobs 2  # 4x the data
 
 Results are recorded in benchmarks/RESULTS.md ("Learning benchmark").
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -59,30 +61,47 @@ ABLATION_FUSED = "global+sentence, fused map"
 class Budget:
     n_images: int
     plan: DemoPlan
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)  # train, val, test (SynthConfig.fractions)
 
 
 EPOCHS = 28  # 2,436 steps of batch 16 on the 1,400 training images (the demo, in its 10 minutes, does 18)
 STEP_GAMMA = 0.949  # per epoch, so the last epoch's learning rate is the 14-epoch schedule's (0.9 ** 14)
+LAST_LR_FACTOR = 0.9**14  # the learning rate's decay over the whole schedule, whatever the epoch count
 # The word loss eased in over the first 600 steps (a quarter of the schedule): without it, its noise at chance
 # held the global and sentence losses at chance until step 2,109 on one seed of five (RESULTS.md, "Word-loss
 # warm-in"). Rows without the word loss train exactly as without this setting.
 WORD_WARMUP = 600
+VAL_IMAGES, TEST_IMAGES = 200, 400  # the 2,000-image corpus's val and test splits
 
 
-def budget(quick: bool, epochs: int | None = None, overrides: tuple[str, ...] = ()) -> Budget:
+def budget(quick: bool, epochs: int | None = None, overrides: tuple[str, ...] = (),
+           train_images: int | None = None) -> Budget:
     """The demo's recipe (2,000 images, 1,400 train) for 28 epochs with the word loss eased in over its first
     600 steps, every row the same data and steps.
 
     `epochs` and `overrides` (training --set syntax, after the default step_gamma) change the schedule for
-    every row alike; `--epochs 18 --set optim.step_gamma=0.921` is the demo's own budget.
+    every row alike; `--epochs 18 --set optim.step_gamma=0.921` is the demo's own budget. `train_images`
+    asks whether the models are short of data: that many training images (val and test keep their 200 and
+    400), for as many epochs as keep the step count near 2,436 (unless `epochs` is given), with the decay
+    per epoch set so the schedule ends at the same learning rate.
     """
     if quick:
         plan = replace(DemoPlan.quick(), max_steps=2)
         return Budget(60, replace(plan, overrides=(*plan.overrides, *overrides)))
     plan = replace(DemoPlan.full(), n_images=2000)
-    return Budget(2000, replace(plan, epochs=epochs or EPOCHS,
-                                overrides=(*plan.overrides, f"optim.step_gamma={STEP_GAMMA}",
-                                           f"optim.word_warmup={WORD_WARMUP}", *overrides)))
+    n_images, fractions, gamma = 2000, Budget.fractions, STEP_GAMMA
+    if train_images is not None:
+        if train_images < plan.batch_size:
+            raise SystemExit(f"--train-images must be at least one batch ({plan.batch_size}), not {train_images}")
+        n_images = train_images + VAL_IMAGES + TEST_IMAGES
+        fractions = (train_images / n_images, VAL_IMAGES / n_images, TEST_IMAGES / n_images)
+        steps_per_epoch = math.ceil(train_images / plan.batch_size)
+        epochs = epochs or max(1, round(EPOCHS * math.ceil(1400 / plan.batch_size) / steps_per_epoch))
+        gamma = round(LAST_LR_FACTOR ** (1 / epochs), 4)
+    plan = replace(plan, n_images=n_images, epochs=epochs or EPOCHS,
+                   overrides=(*plan.overrides, f"optim.step_gamma={gamma}", f"optim.word_warmup={WORD_WARMUP}",
+                              *overrides))
+    return Budget(n_images, plan, fractions)
 
 
 class RandomMapEngine:
@@ -244,6 +263,8 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help=f"epochs for every row (default {EPOCHS})")
+    ap.add_argument("--train-images", type=int, default=None,
+                    help="training images (default 1,400; val and test stay 200 and 400), at the same step count")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="a training override for every row, KEY=VALUE (e.g. optim.step_gamma=0.9)")
     ap.add_argument("--jobs", type=int, default=1,
@@ -256,7 +277,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     console = Console(stderr=True)
-    b = budget(args.quick, args.epochs, tuple(args.overrides))
+    b = budget(args.quick, args.epochs, tuple(args.overrides), args.train_images)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -264,7 +285,8 @@ def main() -> None:
     from train.data import prepare_cache
 
     corpus = out / "corpus"
-    summary = generate_corpus(corpus, SynthConfig(n=b.n_images, seed=0), workers=args.workers, overwrite=True)
+    summary = generate_corpus(corpus, SynthConfig(n=b.n_images, seed=0, fractions=b.fractions), workers=args.workers,
+                              overwrite=True)
     holdout = next(k["category_name"] for k in json.loads((corpus / "synth.json").read_text())["kinds"]
                    if k["key"] == summary.config.holdout)
     cache = out / "cache"
@@ -312,7 +334,7 @@ def main() -> None:
         "command": "benchmarks/learning.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"torch {torch.__version__}",
-        "corpus": {"n": b.n_images, "seed": 0, "held_out_kind": holdout},
+        "corpus": {"n": b.n_images, "seed": 0, "fractions": b.fractions, "held_out_kind": holdout},
         "plan": {k: v for k, v in b.plan.__dict__.items()},
         "runs": runs,
         "wall_s": round(wall, 1),

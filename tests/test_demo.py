@@ -65,3 +65,39 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     serial = pl.read_csv(out / "per_seed.csv")
     _run_script([*cmd, "--reuse-runs", "--jobs", "2", "--threads", "1"], repo)
     assert pl.read_csv(out / "per_seed.csv").equals(serial)
+
+
+def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(monkeypatch):
+    """--train-images: val and test keep their sizes, the step count and the last learning rate stay put."""
+    import importlib.util
+    from collections import Counter
+
+    import pytest
+
+    from afloc_cli.synth import SynthConfig
+    from afloc_cli.synth.corpus import assign_splits
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+    spec = importlib.util.spec_from_file_location("learning_bench", path)
+    assert spec is not None and spec.loader is not None
+    learning = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "learning_bench", learning)  # dataclasses look their module up there
+    spec.loader.exec_module(learning)
+
+    default = learning.budget(False)
+    assert default.n_images == 2000 and default.plan.epochs == 28
+    assert Counter(assign_splits(SynthConfig(n=2000, fractions=default.fractions))) == {
+        "train": 1400, "val": 200, "test": 400}
+    base_steps = default.plan.epochs * math.ceil(1400 / default.plan.batch_size)
+    for train in (2800, 5600, 3000):
+        b = learning.budget(False, train_images=train)
+        splits = Counter(assign_splits(SynthConfig(n=b.n_images, fractions=b.fractions)))
+        assert splits == {"train": train, "val": 200, "test": 400}
+        steps = b.plan.epochs * math.ceil(train / b.plan.batch_size)
+        assert abs(steps - base_steps) / base_steps < 0.08, (train, steps)
+        gamma = float(next(o for o in reversed(b.plan.overrides) if o.startswith("optim.step_gamma="))
+                      .split("=")[1])
+        assert gamma ** b.plan.epochs == pytest.approx(0.9**14, rel=0.01)
+        assert "optim.word_warmup=600" in b.plan.overrides
+    with pytest.raises(SystemExit, match="--train-images"):
+        learning.budget(False, train_images=4)
