@@ -71,7 +71,7 @@ LAST_LR_FACTOR = 0.9**14  # the learning rate's decay over the whole schedule, w
 # held the global and sentence losses at chance until step 2,109 on one seed of five (RESULTS.md, "Word-loss
 # warm-in"). Rows without the word loss train exactly as without this setting.
 WORD_WARMUP = 600
-VAL_IMAGES, TEST_IMAGES = 200, 400  # the 2,000-image corpus's val and test splits
+TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES = 1400, 200, 400  # the 2,000-image corpus's splits (0.7/0.1/0.2)
 
 
 def budget(quick: bool, epochs: int | None = None, overrides: tuple[str, ...] = (),
@@ -88,15 +88,16 @@ def budget(quick: bool, epochs: int | None = None, overrides: tuple[str, ...] = 
     if quick:
         plan = replace(DemoPlan.quick(), max_steps=2)
         return Budget(60, replace(plan, overrides=(*plan.overrides, *overrides)))
-    plan = replace(DemoPlan.full(), n_images=2000)
-    n_images, fractions, gamma = 2000, Budget.fractions, STEP_GAMMA
+    n_images = TRAIN_IMAGES + VAL_IMAGES + TEST_IMAGES
+    plan = replace(DemoPlan.full(), n_images=n_images)
+    fractions, gamma = Budget.fractions, STEP_GAMMA
     if train_images is not None:
         if train_images < plan.batch_size:
             raise SystemExit(f"--train-images must be at least one batch ({plan.batch_size}), not {train_images}")
         n_images = train_images + VAL_IMAGES + TEST_IMAGES
         fractions = (train_images / n_images, VAL_IMAGES / n_images, TEST_IMAGES / n_images)
         steps_per_epoch = math.ceil(train_images / plan.batch_size)
-        epochs = epochs or max(1, round(EPOCHS * math.ceil(1400 / plan.batch_size) / steps_per_epoch))
+        epochs = epochs or max(1, round(EPOCHS * math.ceil(TRAIN_IMAGES / plan.batch_size) / steps_per_epoch))
         gamma = round(LAST_LR_FACTOR ** (1 / epochs), 4)
     plan = replace(plan, n_images=n_images, epochs=epochs or EPOCHS,
                    overrides=(*plan.overrides, f"optim.step_gamma={gamma}", f"optim.word_warmup={WORD_WARMUP}",
