@@ -27,6 +27,26 @@ def test_quick_demo_writes_every_output(tmp_path, capsys):
         assert (out / "benchmark" / readout / "summary.csv").is_file()
         protocol = json.loads((out / "benchmark" / readout / "protocol.json").read_text())
         assert protocol["readout"] == readout
+        for row in ("readouts", "fused"):  # every trained row judged against the untrained row, same readout
+            checks = report["targets"][row][readout]
+            assert set(checks) == {"auroc", "pointing", "miou", "pointing_over_untrained"}
+            gain = report[row][readout]["pointing"] - report["untrained"][readout]["pointing"]
+            assert math.isclose(checks["pointing_over_untrained"]["value"], gain)
+            assert all(c["met"] == (c["value"] >= c["threshold"]) for c in checks.values())
+    assert report["judged"] == ["fused", "contrast"]
+
+
+def test_demo_targets_verdict():
+    from afloc_cli.demo import judge_targets, unmet
+
+    untrained = {"miou": 0.05, "dice": 0.1, "cnr": 0.0, "pointing": 0.10, "auroc": 0.5}
+    good = {"miou": 0.2, "dice": 0.3, "cnr": 1.5, "pointing": 0.5, "auroc": 0.8}  # thresholds count as met
+    assert unmet(judge_targets(good, untrained)) == []
+    assert unmet(judge_targets({**good, "pointing": 0.24}, untrained)) == ["pointing 0.240 < 0.4",
+                                                                          "pointing_over_untrained 0.140 < 0.15"]
+    assert unmet(judge_targets(good, {**untrained, "pointing": 0.36})) == ["pointing_over_untrained 0.140 < 0.15"]
+    assert unmet(judge_targets({**good, "auroc": None}, untrained)) == ["auroc n/a < 0.8"]
+    assert unmet(judge_targets({**good, "miou": float("nan")}, untrained)) == ["miou nan < 0.2"]
 
 
 def _run_script(cmd: list[str], cwd: Path) -> None:
@@ -65,6 +85,21 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     serial = pl.read_csv(out / "per_seed.csv")
     _run_script([*cmd, "--reuse-runs", "--jobs", "2", "--threads", "1"], repo)
     assert pl.read_csv(out / "per_seed.csv").equals(serial)
+
+
+def test_demo_seeds_quick_chain(tmp_path):
+    """benchmarks/demo_seeds.py end to end on the demo's --quick plan: every row judged on every seed."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "seeds"
+    _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(out), "--quick",
+                 "--seeds", "2", "--workers", "0", "--threads", "1"], repo)
+    meta = json.loads((out / "demo_seeds.json").read_text())
+    assert [r["seed"] for r in meta["seeds"]] == [1, 2] and all(r["steps"] == 4 for r in meta["seeds"])
+    for r in meta["seeds"]:
+        assert set(r["targets"]) == {"readouts", "fused"}
+        assert set(r["table"]) == {"readouts", "fused", "untrained"}
+    table = (out / "demo_seeds.md").read_text()
+    assert "| fused map, contrast (judged) |" in table and table.count(" of 2 |") == 4
 
 
 def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(monkeypatch):

@@ -18,7 +18,7 @@ def demo_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Synthesize radiographs, pretrain without boxes, localize held-out images, benchmark them."""
-    from afloc_cli.demo import DemoPlan, run_demo
+    from afloc_cli.demo import DemoPlan, run_demo, unmet
 
     console = Console(stderr=True)
     report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.full(), console, workers=workers)
@@ -29,7 +29,7 @@ def demo_command(
     for col in ("model", "readout", "mIoU", "Dice", "CNR", "pointing", "AUROC"):
         table.add_column(col)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for model, key in (("trained", "readouts"), ("trained, fused map", "fused"), ("untrained", "untrained")):
+    for model, key in (("trained (deep map)", "readouts"), ("trained, fused map", "fused"), ("untrained", "untrained")):
         for name, values in report[key].items():
             table.add_row(model, name, *(fmt(values[k]) for k in ("miou", "dice", "cnr", "pointing", "auroc")))
     console.print(table)
@@ -38,6 +38,15 @@ def demo_command(
                   "class prompts against 'No finding.' (the paper's); contrast = maps and AUROC against the other "
                   "findings' prompts. CNR is signed; AUROC is zero-shot presence from the global embedding, each "
                   "finding's class prompts (corpus/class_prompts.json) averaged as the reference does.")
+    labels = {"readouts": "trained (deep map)", "fused": "trained, fused map"}
+    console.print("targets: AUROC >= 0.8, pointing >= 0.4, mIoU >= 0.2, pointing >= untrained's + 0.15 "
+                  f"(macros over every kind); judged on: {labels[report['judged'][0]]}, {report['judged'][1]}")
+    for row, readouts in report["targets"].items():
+        for readout, checks in readouts.items():
+            missed = unmet(checks)
+            judged = " (judged)" if [row, readout] == report["judged"] else ""
+            verdict = "[green]met[/]" if not missed else "[red]not met[/]: " + ", ".join(missed)
+            console.print(f"  {labels[row]}, {readout}{judged}: {verdict}")
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")
     console.print(f"timings (s): {report['timings_s']}")
