@@ -15,7 +15,7 @@ from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
 from train.config import load_config, with_losses
 from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
-from train.loop import Trainer
+from train.loop import Trainer, _collate, compute_losses
 
 SIDES = ["left", "right"]
 KINDS = ["effusion", "nodule"]
@@ -87,17 +87,23 @@ def test_dataset_skips_and_counts(cache):
 
 
 def test_losses_fall_for_every_level(cache, tmp_path):
-    torch.manual_seed(0)
-    trainer = Trainer(_cfg("epochs=6", "val_every=0"), FrameCache(cache), tmp_path / "run")
+    """Every level's loss falls when the optimiser fits one fixed batch. Per-step losses of a 30-step run on
+    20 pairs are noise around chance (the word loss swings 2.5-5.6 between steps, and whether its last steps
+    sit below its first ones changed with the CPU's kernels), so a fixed batch is what shows each level learns."""
+    trainer = Trainer(_cfg("epochs=1", "val_every=0"), FrameCache(cache), tmp_path / "run")
+    frames, texts = _collate([trainer.train_set[(i, 0)] for i in range(trainer.cfg.batch_size)])
+    history = []
+    for _ in range(25):
+        losses = compute_losses(trainer.forward, trainer.model, frames, texts, trainer.cfg, trainer.dist,
+                                trainer.device, trainer.precision, trainer.text_features)
+        history.append({k: float(v) for k, v in losses.items()})
+        trainer.optimizer.zero_grad()
+        losses["total"].backward()
+        trainer.optimizer.step()
+    for key in ("global", "sentence", "word"):
+        first, last = history[0][key], np.mean([h[key] for h in history[-3:]])
+        assert last < 0.8 * first, (key, first, last)
     trainer.fit()
-    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
-    header = rows[0]
-    body = [r for r in rows[1:] if r[header.index("loss")]]
-    for key in ("loss_global", "loss_sentence", "loss_word"):
-        col = header.index(key)
-        values = [float(r[col]) for r in body]
-        first, last = np.mean(values[:3]), np.mean(values[-3:])
-        assert last < first, (key, first, last)
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
