@@ -15,7 +15,7 @@ from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
 from train.config import load_config, with_losses
 from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
-from train.loop import Trainer, _collate, compute_losses
+from train.loop import Trainer
 
 SIDES = ["left", "right"]
 KINDS = ["effusion", "nodule"]
@@ -87,23 +87,20 @@ def test_dataset_skips_and_counts(cache):
 
 
 def test_losses_fall_for_every_level(cache, tmp_path):
-    """Every level's loss falls when the optimiser fits one fixed batch. Per-step losses of a 30-step run on
-    20 pairs are noise around chance (the word loss swings 2.5-5.6 between steps, and whether its last steps
-    sit below its first ones changed with the CPU's kernels), so a fixed batch is what shows each level learns."""
-    trainer = Trainer(_cfg("epochs=1", "val_every=0"), FrameCache(cache), tmp_path / "run")
-    frames, texts = _collate([trainer.train_set[(i, 0)] for i in range(trainer.cfg.batch_size)])
-    history = []
-    for _ in range(25):
-        losses = compute_losses(trainer.forward, trainer.model, frames, texts, trainer.cfg, trainer.dist,
-                                trainer.device, trainer.precision, trainer.text_features)
-        history.append({k: float(v) for k, v in losses.items()})
-        trainer.optimizer.zero_grad()
-        losses["total"].backward()
-        trainer.optimizer.step()
-    for key in ("global", "sentence", "word"):
-        first, last = history[0][key], np.mean([h[key] for h in history[-3:]])
-        assert last < 0.8 * first, (key, first, last)
+    """Every level's loss falls when each step sees the same pairs: the whole train split (20 pairs) as one
+    batch, whole reports. With batches of 4, per-step losses are noise around chance (the word loss swung
+    2.5-5.6 between steps), and whether the last steps sat below the first changed with the CPU's kernels."""
+    trainer = Trainer(_cfg("epochs=25", "batch_size=20", "report_sampling=all", "val_every=0"),
+                      FrameCache(cache), tmp_path / "run")
     trainer.fit()
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    header = rows[0]
+    body = [r for r in rows[1:] if r[header.index("loss")]]
+    for key in ("loss_global", "loss_sentence", "loss_word"):
+        col = header.index(key)
+        values = [float(r[col]) for r in body]
+        first, last = values[0], np.mean(values[-3:])
+        assert last < 0.9 * first, (key, first, last)  # last/first, seeds 1-3 on an AVX2 EPYC: 0.54-0.74
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
