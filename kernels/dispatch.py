@@ -75,6 +75,7 @@ def local_similarity(
     *,
     backend: Backend | None = None,
     matmul_dtype: torch.dtype | None = None,
+    projection: Tensor | None = None,
 ) -> Tensor:
     """GLoRIA local scores R (B_img, B_txt); differentiable in regions and units.
 
@@ -83,13 +84,15 @@ def local_similarity(
     Triton paths (None: from a memory budget); the reference materialises everything.
     matmul_dtype: the torch path's context product in that dtype (bf16 training on the CPU);
     the Triton kernel keeps its own precision and the reference ignores it.
+    projection (d, c): regions are (B_img, c, ...) features whose embedding is projection @ regions
+    (the image encoder's local embedders); the torch path then works in c dimensions where c < d.
     """
     which = resolve_backend(regions, backend)
     if which == "reference":
-        return la.reference_local_similarity(regions, units, unit_mask, temp1, temp2)
+        return la.reference_local_similarity(regions, units, unit_mask, temp1, temp2, projection)
     if which == "triton" and 0 < temp1 <= la.MAX_TEMP1:
-        return la.triton_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size)
-    return la.torch_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype)
+        return la.triton_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, projection)
+    return la.torch_local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype, projection)
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "Backend", "MapStats", "local_similarity", "localization_maps", "resolve_backend"]

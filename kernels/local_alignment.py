@@ -65,23 +65,39 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 27
 SMALL_ATTENTION_ELEMENTS = DEFAULT_CHUNK_ELEMENTS // 8
 # Elements of the recomputed context (images × texts × T × d, fp32) per Triton backward chunk: 1 GiB.
 TRITON_CHUNK_ELEMENTS = 1 << 28
+# Torch path: a chunk of texts closes at the first text shorter than this fraction of its longest (text_groups).
+GROUP_LENGTH_RATIO = 0.75
 MAX_TEMP1 = 60.0  # exp(temp1 · (a − 1)) stays above fp32's smallest normal for any a in [0, 1]
 
 
-def _prepare(regions: Tensor, units: Tensor, unit_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate and flatten: regions (B, d, M) or (B, d, h, w); units (B, T, d); mask (B, T)."""
+def _prepare(regions: Tensor, units: Tensor, unit_mask: Tensor,
+             projection: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate and flatten: regions (B, d, M) or (B, d, h, w) (with `projection` (d, c): (B, c, ...)); units
+    (B, T, d); mask (B, T)."""
     if regions.dim() == 4:
         regions = regions.flatten(2)
     if regions.dim() != 3:
         raise ValueError(f"regions must be (B, d, M) or (B, d, h, w), got {tuple(regions.shape)}")
-    if units.dim() != 3 or units.shape[2] != regions.shape[1]:
-        raise ValueError(f"units must be (B, T, d) with d = {regions.shape[1]}, got {tuple(units.shape)}")
+    if projection is not None and (projection.dim() != 2 or projection.shape[1] != regions.shape[1]):
+        raise ValueError(f"projection must be (d, c) with c = {regions.shape[1]} (the regions' channels), "
+                         f"got {tuple(projection.shape)}")
+    d = regions.shape[1] if projection is None else projection.shape[0]
+    if units.dim() != 3 or units.shape[2] != d:
+        raise ValueError(f"units must be (B, T, d) with d = {d}, got {tuple(units.shape)}")
     if unit_mask.shape != units.shape[:2]:
         raise ValueError(f"unit_mask must be {tuple(units.shape[:2])}, got {tuple(unit_mask.shape)}")
     mask = unit_mask.to(device=units.device, dtype=torch.bool)
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every text needs at least one real unit ([CLS]); got a text with none")
     return regions, units, mask
+
+
+def embed_regions(regions: Tensor, projection: Tensor | None) -> Tensor:
+    """The embedded regions projection @ regions (B, d, M): what every path without the factored form uses."""
+    if projection is None:
+        return regions
+    flat = regions.flatten(2) if regions.dim() == 4 else regions
+    return torch.matmul(projection.to(flat.dtype), flat)
 
 
 def scores_from_terms(ec: Tensor, cc: Tensor, units: Tensor, mask: Tensor, temp2: float) -> Tensor:
@@ -97,10 +113,12 @@ def scores_from_terms(ec: Tensor, cc: Tensor, units: Tensor, mask: Tensor, temp2
 
 
 def reference_local_similarity(
-    regions: Tensor, units: Tensor, unit_mask: Tensor, temp1: float = 4.0, temp2: float = 5.0
+    regions: Tensor, units: Tensor, unit_mask: Tensor, temp1: float = 4.0, temp2: float = 5.0,
+    projection: Tensor | None = None,
 ) -> Tensor:
     """R (B_img, B_txt) the direct way; memory grows as B_img · B_txt · T · (M + d)."""
-    v, e, mask = _prepare(regions, units, unit_mask)
+    v, e, mask = _prepare(regions, units, unit_mask, projection)
+    v = embed_regions(v, projection)
     dtype = torch.promote_types(torch.promote_types(v.dtype, e.dtype), torch.float32)
     v = v.to(dtype)
     e = e.to(dtype)
@@ -125,27 +143,52 @@ def default_chunk_size(n_img: int, n_txt: int, n_units: int, n_regions: int,
     return max(1, min(n_txt, budget // per_text))
 
 
-def _chunk_scores(v: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float,
-                  matmul_dtype: torch.dtype | None = None) -> Tensor:
-    """R for all images against one chunk of texts: v (I, d, M), e (c, T, d), mask (c, T) -> (I, c).
+def text_groups(mask: Tensor, chunk: int, ratio: float = GROUP_LENGTH_RATIO) -> list[tuple[list[int], int]]:
+    """Texts in chunks of similar length, each cut to its longest text's last real unit: [(texts, units)].
+
+    Every attention tensor is padded to the chunk's unit count, so chunking texts in the order given
+    pads each to the longest report in the batch; whole reports vary 2-4x in length (the demo's word
+    level: 12-53 real units, padded to 54), and grouping them by length skips most of that work. The
+    texts are taken longest first; a chunk closes at `chunk` texts or at the first text shorter than
+    `ratio` times its longest. Cutting is exact: units past a text's last real one are padding.
+    """
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    lengths = (mask.to(torch.int64) * positions).amax(dim=1).tolist()
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    groups: list[tuple[list[int], int]] = []
+    for j in order:
+        if groups and len(groups[-1][0]) < chunk and lengths[j] >= ratio * groups[-1][1]:
+            groups[-1][0].append(j)
+        else:
+            groups.append(([j], lengths[j]))
+    return groups
+
+
+def _chunk_scores(v: Tensor, q: Tensor, e: Tensor, mask: Tensor, temp1: float, temp2: float,
+                  matmul_dtype: torch.dtype | None = None, gram: Tensor | None = None) -> Tensor:
+    """R for all images against one chunk of texts: v (I, k, M), q (c, T, k), e (c, T, d), mask (c, T) -> (I, c).
+
+    q is the units in the regions' space: e itself (k = d), or Wᵀe in the factored form, where the
+    embedded regions are W v and `gram` is WᵀW (k × k), so that s = qᵀv, the context is W ĉ with
+    ĉ = Σ_m α v_m, e·c = q·ĉ and |c|² = ĉᵀ gram ĉ.
 
     `matmul_dtype` (bf16) runs the context product alpha·v, and its backward, in that dtype. The
     similarities s stay in v's dtype: they are softmax logits in the hundreds for trained embeddings
     (median |s| ~ 50 at the demo's word level), where bf16's rounding (~1 at the 99th percentile)
     would reorder the words; the context is a convex combination, and its rounding only nudges a cosine.
     """
-    n_img, _, n_reg = v.shape
-    c, t, d = e.shape
+    n_img, k, n_reg = v.shape
+    c, t, _ = q.shape
     keep = mask.view(1, c, t, 1)
     low = (lambda x: x) if matmul_dtype is None else (lambda x: x.to(matmul_dtype))
-    s = torch.matmul(e.reshape(1, c * t, d), v).view(n_img, c, t, n_reg)  # s[i, j, t, m] = e_jtᵀ v_im
+    s = torch.matmul(q.reshape(1, c * t, k), v).view(n_img, c, t, n_reg)  # s[i, j, t, m] = e_jtᵀ (W) v_im
     s = s.masked_fill(~keep, float("-inf"))
     a = torch.softmax(s, dim=2)  # first over the units (words) of text j: padding gets weight 0
     alpha = torch.softmax(temp1 * a, dim=3)  # then over the regions, after scaling by temp1
     ctx = torch.matmul(low(alpha.view(n_img, c * t, n_reg)), low(v.transpose(1, 2))).to(v.dtype)
-    ctx = ctx.view(n_img, c, t, d)
-    ec = (ctx * e.unsqueeze(0)).sum(-1)
-    cc = (ctx * ctx).sum(-1)
+    ctx = ctx.view(n_img, c, t, k)
+    ec = (ctx * q.unsqueeze(0)).sum(-1)
+    cc = (ctx * ctx if gram is None else torch.matmul(ctx, gram) * ctx).sum(-1)
     return scores_from_terms(ec, cc, e, mask, temp2)
 
 
@@ -157,38 +200,63 @@ def torch_local_similarity(
     temp2: float = 5.0,
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    projection: Tensor | None = None,
 ) -> Tensor:
     """R (B_img, B_txt) on any device, `chunk_size` texts at a time (None: from DEFAULT_CHUNK_ELEMENTS).
+
+    `projection` W (d, c): `regions` are c-channel features whose embedding is W v (the image
+    encoder's bias-free 1x1 local embedders). With c < d every product runs in c dimensions, W
+    folded into the texts (Wᵀe) and into the context's norm (WᵀW): the same R, d/c times fewer
+    multiply-adds in its two large products (the demo's word level: 64 channels against MiniLM's 384).
 
     `matmul_dtype=torch.bfloat16` runs the context product (forward and its two backward products,
     three of the five matrix products that are most of the word-level loss's time on the CPU) in bf16,
     for bf16 training where the CPU computes it natively; the similarities, softmaxes and cosine stay
     fp32 (`_chunk_scores`; benchmarks/local_loss_speed.py).
 
+    The texts run in chunks of similar length (`text_groups`), each cut to its own longest text.
     Under autograd each chunk runs inside `torch.utils.checkpoint`: only its inputs and
     its (B_img, chunk) scores are kept, and its attention is rebuilt in the backward
     pass, so peak memory is a few B_img × chunk × T × M tensors: linear in B for a
     fixed chunk (benchmarks/local_loss_memory.py: 0.09 of naive at B = 128).
     """
-    v, e, mask = _prepare(regions, units, unit_mask)
+    v, e, mask = _prepare(regions, units, unit_mask, projection)
     dtype = torch.promote_types(torch.promote_types(v.dtype, e.dtype), torch.float32)  # softmaxes in >= fp32
     v, e = v.to(dtype), e.to(dtype)
+    gram = None
+    q = e
+    if projection is not None:
+        w = projection.to(dtype)
+        if v.shape[1] < w.shape[0]:
+            q, gram = torch.matmul(e, w), w.t() @ w
+        else:  # no fewer channels than the text space: embedding the regions is cheaper
+            v = torch.matmul(w, v)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = chunk_size or default_chunk_size(v.shape[0], e.shape[0], e.shape[1], v.shape[2])
-    recompute = torch.is_grad_enabled() and (v.requires_grad or e.requires_grad)
+    recompute = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (v, e) + (() if projection is None else (projection,)))
     if chunk_size is None and v.shape[0] * e.shape[0] * e.shape[1] * v.shape[2] <= SMALL_ATTENTION_ELEMENTS:
         # Small problems (the CPU demo: B = 16) keep their few attention-sized tensors under plain
         # autograd, within the chunk budget, and skip the recomputation (1.5x faster there).
         recompute = False
+    groups = text_groups(mask, chunk)
     columns = []
-    for j0 in range(0, e.shape[0], chunk):
-        args = (v, e[j0 : j0 + chunk], mask[j0 : j0 + chunk], float(temp1), float(temp2), matmul_dtype)
+    for texts, n_units in groups:
+        idx = torch.tensor(texts, device=e.device)
+        args = (v, q[idx, :n_units], e[idx, :n_units], mask[idx, :n_units], float(temp1), float(temp2),
+                matmul_dtype, gram)
         if recompute:
             columns.append(checkpoint(_chunk_scores, *args, use_reentrant=False, preserve_rng_state=False))
         else:
             columns.append(_chunk_scores(*args))
-    return torch.cat(columns, dim=1)
+    scores = torch.cat(columns, dim=1)
+    order = [j for texts, _ in groups for j in texts]
+    if order == list(range(len(order))):
+        return scores
+    inverse = torch.empty(len(order), dtype=torch.int64)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return scores[:, inverse.to(scores.device)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,11 +614,15 @@ def triton_local_similarity(
     temp1: float = 4.0,
     temp2: float = 5.0,
     chunk_size: int | None = None,
+    projection: Tensor | None = None,
 ) -> Tensor:
-    """R (B_img, B_txt) with the fused part in Triton; chunk_size: images per backward chunk."""
+    """R (B_img, B_txt) with the fused part in Triton; chunk_size: images per backward chunk.
+
+    `projection` (d, c): the regions are embedded first (the kernels work in the text space)."""
     if not 0 < temp1 <= MAX_TEMP1:
         raise ValueError(f"the Triton path needs 0 < temp1 <= {MAX_TEMP1}, got {temp1}")
-    v, e, mask = _prepare(regions, units, unit_mask)
+    v, e, mask = _prepare(regions, units, unit_mask, projection)
+    v = embed_regions(v, projection)
     dtype = torch.promote_types(v.dtype, e.dtype)
     if dtype == torch.float64:  # the kernels' dot products are fp32 / tf32 / bf16
         dtype = torch.float32
@@ -567,6 +639,8 @@ __all__ = [
     "reference_local_similarity",
     "scores_from_terms",
     "default_chunk_size",
+    "embed_regions",
+    "text_groups",
     "torch_local_similarity",
     "triton_available",
     "triton_local_similarity",

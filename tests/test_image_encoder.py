@@ -52,6 +52,23 @@ def test_only_requested_levels_are_computed():
     assert f.shallow is None and f.global_ is None and f.deep is not None
 
 
+def test_unprojected_levels_and_their_projections_give_the_projected_levels():
+    torch.manual_seed(0)
+    enc = ImageEncoder(small_config().image, 24).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        projected = enc(x)
+        raw = enc(x, project_local=False)
+        proj = enc.local_projections()
+    assert tuple(raw.shallow.shape[1:2]) == (64,) and tuple(raw.deep.shape[1:2]) == (128,)
+    assert tuple(proj["shallow"].shape) == (24, 64) and tuple(proj["deep"].shape) == (24, 128)
+    for level in ("shallow", "deep"):
+        want = getattr(projected, level)
+        got = torch.einsum("dc,bchw->bdhw", proj[level], getattr(raw, level))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(raw.global_, projected.global_)
+
+
 def test_config_json_roundtrip():
     cfg = small_config()
     again = ModelConfig.from_json(cfg.to_json())

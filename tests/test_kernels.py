@@ -203,6 +203,59 @@ def test_triton_local_alignment_block_edges():
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
+@FAST
+@given(alignment_problems(), st.integers(1, 48))
+def test_factored_regions_match_embedded_regions(problem, channels):
+    """`projection` W: the torch path folds W into the texts (channels < d) or embeds the regions (channels >= d);
+    either way R and its gradients (features, W, units) are those of the reference on W @ features."""
+    _, units, mask, weights = _tensors(problem, torch.float64, torch.device("cpu"))
+    n_img, _, _, dim, n_reg = problem["shape"]
+    gen = torch.Generator().manual_seed(problem["seed"] + 1)
+    feats = torch.randn(n_img, channels, n_reg, generator=gen, dtype=torch.float64)
+    proj = torch.randn(dim, channels, generator=gen, dtype=torch.float64) / channels**0.5
+
+    def value_and_grads(fn, **kwargs):
+        h, w, e = (t.detach().clone().requires_grad_() for t in (feats, proj, units))
+        r = fn(h, e, mask, 4.0, 5.0, projection=w, **kwargs)
+        return (r.detach(), *torch.autograd.grad((r * weights).sum(), (h, w, e)))
+
+    def embedded_reference(h, e, m, t1, t2, projection):
+        return la.reference_local_similarity(torch.einsum("dc,icm->idm", projection, h), e, m, t1, t2)
+
+    want = value_and_grads(embedded_reference)
+    for got in (value_and_grads(la.torch_local_similarity, chunk_size=problem["chunk"]),
+                value_and_grads(la.reference_local_similarity)):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert torch.count_nonzero(want[3][~mask]) == 0
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6).filter(any), min_size=1, max_size=9),
+       st.integers(1, 5))
+def test_text_groups_cover_every_text_once_within_the_chunk(rows, chunk):
+    mask = torch.tensor(rows)
+    groups = la.text_groups(mask, chunk)
+    assert sorted(j for texts, _ in groups for j in texts) == list(range(len(rows)))
+    last = [max(t for t, real in enumerate(row) if real) + 1 for row in rows]
+    for k, (texts, n_units) in enumerate(groups):
+        assert 1 <= len(texts) <= chunk
+        assert n_units == max(last[j] for j in texts)  # cut after the group's last real unit: nothing real lost
+        assert min(last[j] for j in texts) >= la.GROUP_LENGTH_RATIO * n_units  # little padding inside a group
+        if k + 1 < len(groups):  # a group closes only when full or when the next text is much shorter
+            nxt = last[groups[k + 1][0][0]]
+            assert len(texts) == chunk or nxt < la.GROUP_LENGTH_RATIO * n_units
+            assert nxt <= min(last[j] for j in texts)  # longest first
+
+
+def test_text_groups_split_ragged_reports_by_length():
+    """Reports of 40, 38, 12 and 11 units in a batch padded to 40: two chunks, cut at 40 and 12."""
+    lengths = [12, 40, 11, 38]
+    mask = torch.arange(40)[None, :] < torch.tensor(lengths)[:, None]
+    assert la.text_groups(mask, chunk=8) == [([1, 3], 40), ([0, 2], 12)]
+    assert la.text_groups(mask, chunk=1) == [([1], 40), ([3], 38), ([0], 12), ([2], 11)]
+
+
 def test_local_alignment_rejects_text_without_units():
     regions = torch.randn(2, 4, 5)
     units = torch.randn(2, 3, 4)

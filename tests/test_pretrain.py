@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
+from afloc_cli.image.data.transforms import normalize
 from train.config import load_config, with_losses
 from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
 from train.loop import Trainer
@@ -102,6 +103,41 @@ def test_losses_fall_for_every_level(cache, tmp_path):
         first, last = values[0], np.mean(values[-3:])
         assert last < 0.9 * first, (key, first, last)  # last/first, seeds 1-3 on an AVX2 EPYC: 0.54-0.74
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_training_losses_equal_the_losses_on_the_embedded_maps(cache, tmp_path):
+    """compute_losses folds the local embedders into the texts; the losses and every gradient are those of
+    the plain formula on the model's own projected maps (the ones localization reads)."""
+    from train.loop import compute_losses
+    from train.losses import global_loss, local_loss
+
+    for freeze in ("true", "false"):
+        cfg = _cfg("report_sampling=all", f"freeze_text={freeze}", "model.text.max_length=32")
+        trainer = Trainer(cfg, FrameCache(cache), tmp_path / f"run-{freeze}")
+        trainer._train_mode(False)  # no dropout: both passes see the same network
+        items = [trainer.train_set[(i, 0)] for i in range(4)]
+        frames = torch.stack([f for f, _ in items])
+        texts = [t for _, t in items]
+        got = compute_losses(trainer.forward, trainer.model, frames, texts, cfg, trainer.dist, trainer.device,
+                             "fp32", trainer.text_features)
+        got_grads = torch.autograd.grad(got["total"], [p for p in trainer.model.parameters() if p.requires_grad])
+
+        model, lc = trainer.model, cfg.model.loss
+        img = model.encode_images(normalize(frames, cfg.model.preprocess.mean, cfg.model.preprocess.std))
+        txt = trainer.text_features(texts) if trainer.text_features is not None else model.encode_texts(texts)
+        want = {
+            "global": lc.weight_global * global_loss(img.global_, txt.report, lc.temp3),
+            "sentence": lc.weight_sentence * local_loss(img.deep, txt.sentences, txt.sentence_mask,
+                                                        lc.temp1, lc.temp2, lc.temp3),
+            "word": lc.weight_word * local_loss(img.shallow, txt.words, txt.word_mask, lc.temp1, lc.temp2, lc.temp3),
+        }
+        want["total"] = sum(want.values())
+        want_grads = torch.autograd.grad(want["total"], [p for p in model.parameters() if p.requires_grad])
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
+        assert len(got_grads) == len(want_grads)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_resume_is_exact(cache, tmp_path):

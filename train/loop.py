@@ -55,17 +55,23 @@ class TrainState:
 
 
 class _Forward(nn.Module):
-    """What DDP wraps: one forward producing every embedding the losses need."""
+    """What DDP wraps: one forward producing every embedding the losses need.
+
+    The local levels come out before their 1x1 embedders, with the embedders' weights beside them: the
+    local losses fold the weights into the texts (fewer products where the channels are fewer than the
+    text's width). The weights are outputs so that DDP finds them used by the forward.
+    """
 
     def __init__(self, model: AflocModel, levels: tuple[str, ...]) -> None:
         super().__init__()
         self.model = model
         self.levels = levels
 
-    def forward(self, x: torch.Tensor, text_batch: Any) -> tuple[Any, Any]:
+    def forward(self, x: torch.Tensor, text_batch: Any) -> tuple[Any, Any, dict[str, torch.Tensor]]:
         """`text_batch` None: the text features come from a frozen-encoder cache, outside the wrapped module."""
         text = None if text_batch is None else self.model.text_encoder(text_batch)
-        return self.model.encode_images(x, self.levels), text
+        image = self.model.encode_images(x, self.levels, project_local=False)
+        return image, text, self.model.image_encoder.local_projections()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -104,7 +110,7 @@ def compute_losses(
     x = normalize(frames.to(device), pre.mean, pre.std).contiguous()
     tb = None if text_features is not None else model.text_encoder.tokenize(texts).to(device)
     with _autocast(device, precision):
-        img, txt = forward(x, tb)
+        img, txt, proj = forward(x, tb)
     if text_features is not None:
         txt = text_features(texts)
     out: dict[str, torch.Tensor] = {}
@@ -121,14 +127,14 @@ def compute_losses(
             gather(img.deep.float(), dist),
             gather_padded(txt.sentences.float(), dist),
             gather_padded(txt.sentence_mask, dist),
-            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype,
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["deep"],
         )
     if lc.use_word:
         out["word"] = lc.weight_word * local_loss(
             gather(img.shallow.float(), dist),
             gather_padded(txt.words.float(), dist),
             gather_padded(txt.word_mask, dist),
-            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype,
+            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["shallow"],
         )
     out["total"] = sum((word_scale * v if k == "word" else v for k, v in out.items()), zero)
     return out

@@ -49,16 +49,20 @@ def local_loss(
     temp3: float = 10.0,
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype | None = None,
+    projection: Tensor | None = None,
 ) -> Tensor:
     """L_DS / L_SW: logits = temp3 · R (see local_similarity), CE(img→txt) + CE(txt→img).
 
     matmul_dtype: bf16 runs the CPU path's context product in bf16 (bf16 training).
+    projection (d, c): `regions` are the c-channel features before the bias-free 1x1 local embedder
+    whose weight this is; the CPU path then folds it into the texts (the same loss, fewer products).
 
     Images and texts must pair up (B_img = B_txt), matching pairs on the diagonal. R comes
     from `kernels.dispatch`: the fused Triton kernel on CUDA (flash-style, forward and
     backward), the chunked, checkpointed torch path elsewhere.
     """
-    scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype=matmul_dtype)
+    scores = local_similarity(regions, units, unit_mask, temp1, temp2, chunk_size, matmul_dtype=matmul_dtype,
+                              projection=projection)
     return _symmetric_ce(temp3 * scores)
 
 

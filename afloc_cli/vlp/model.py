@@ -26,8 +26,9 @@ class AflocModel(nn.Module):
     def embed_dim(self) -> int:
         return self.image_encoder.embed_dim
 
-    def encode_images(self, x: torch.Tensor, levels: Collection[str] = LEVELS) -> ImageFeatures:
-        return self.image_encoder(x, levels)
+    def encode_images(self, x: torch.Tensor, levels: Collection[str] = LEVELS,
+                      project_local: bool = True) -> ImageFeatures:
+        return self.image_encoder(x, levels, project_local)
 
     def encode_texts(self, texts: Sequence[PreparedText]) -> TextFeatures:
         device = next(self.text_encoder.parameters()).device

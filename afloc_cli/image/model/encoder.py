@@ -26,8 +26,8 @@ LEVELS = ("shallow", "deep", "global")
 
 @dataclass
 class ImageFeatures:
-    shallow: torch.Tensor | None  # (B, d, g2, g2), layer2 projected
-    deep: torch.Tensor | None  # (B, d, g3, g3), layer3 projected
+    shallow: torch.Tensor | None  # (B, d, g2, g2), layer2 projected (unprojected: (B, c2, g2, g2))
+    deep: torch.Tensor | None  # (B, d, g3, g3), layer3 projected (unprojected: (B, c3, g3, g3))
     global_: torch.Tensor | None  # (B, d)
 
 
@@ -66,8 +66,15 @@ class ImageEncoder(nn.Module):
         self.local_embedder = nn.Conv2d(c3, embed_dim, kernel_size=1, bias=False)
         self.global_embedder = nn.Linear(c4, embed_dim)
 
-    def forward(self, x: torch.Tensor, levels: Collection[str] = LEVELS) -> ImageFeatures:
-        """x: (B, 3, H, W) in [-1, 1]. Only the requested levels are projected."""
+    def local_projections(self) -> dict[str, torch.Tensor]:
+        """The local embedders as (d, c) matrices: the loss folds them into the texts (train/losses.py)."""
+        return {"shallow": self.local2_embedder.weight.flatten(1), "deep": self.local_embedder.weight.flatten(1)}
+
+    def forward(self, x: torch.Tensor, levels: Collection[str] = LEVELS, project_local: bool = True) -> ImageFeatures:
+        """x: (B, 3, H, W) in [-1, 1]. Only the requested levels are computed.
+
+        project_local=False returns the local levels before their 1x1 embedders (`local_projections`).
+        """
         if self.cfg.internal_size is not None and x.shape[-1] != self.cfg.internal_size:
             size = self.cfg.internal_size
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=self.cfg.internal_align_corners)
@@ -76,8 +83,11 @@ class ImageEncoder(nn.Module):
         h = stages[0](h)
         h2 = stages[1](h)
         h3 = stages[2](h2)
-        shallow = self.local2_embedder(h2) if "shallow" in levels else None
-        deep = self.local_embedder(h3) if "deep" in levels else None
+        shallow = deep = None
+        if "shallow" in levels:
+            shallow = self.local2_embedder(h2) if project_local else h2
+        if "deep" in levels:
+            deep = self.local_embedder(h3) if project_local else h3
         global_ = None
         if "global" in levels:
             h4 = stages[3](h3)
