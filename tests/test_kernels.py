@@ -67,7 +67,7 @@ def _triton_problem() -> str | None:
 TRITON_PROBLEM = _triton_problem()
 needs_triton = pytest.mark.skipif(TRITON_PROBLEM is not None, reason=TRITON_PROBLEM or "")
 TRITON_TESTS = ("test_triton_local_alignment_matches_reference", "test_triton_local_alignment_block_edges",
-                "test_triton_localization_matches_reference")
+                "test_triton_local_alignment_embeds_projected_regions", "test_triton_localization_matches_reference")
 
 
 def _interpreter_spoiled() -> bool:
@@ -254,6 +254,28 @@ def test_text_groups_split_ragged_reports_by_length():
     mask = torch.arange(40)[None, :] < torch.tensor(lengths)[:, None]
     assert la.text_groups(mask, chunk=8) == [([1, 3], 40), ([0, 2], 12)]
     assert la.text_groups(mask, chunk=1) == [([1], 40), ([3], 38), ([0], 12), ([2], 11)]
+
+
+@needs_triton
+def test_triton_local_alignment_embeds_projected_regions():
+    """Given features and their embedder (training's call), the Triton path embeds them and matches the reference."""
+    _fresh_process_only()
+    problem = {"shape": (3, 2, 9, 24, 20), "seed": 5, "chunk": 2, "mask": [[True] * 9, [True] * 4 + [False] * 5]}
+    _, units, mask, weights = _tensors(problem, torch.float32, DEVICE)
+    gen = torch.Generator().manual_seed(11)
+    feats = torch.randn(3, 6, 20, generator=gen).to(DEVICE)
+    proj = (torch.randn(24, 6, generator=gen) / 6**0.5).to(DEVICE)
+
+    def value_and_grads(fn, dtype):
+        h, w, e = (t.detach().to(dtype).clone().requires_grad_() for t in (feats, proj, units))
+        r = fn(h, e, mask, 4.0, 5.0, projection=w)
+        return (r.detach(), *torch.autograd.grad((r * weights.to(dtype)).sum(), (h, w, e)))
+
+    want = value_and_grads(la.reference_local_similarity, torch.float64)
+    got = value_and_grads(la.triton_local_similarity, torch.float32)
+    tol = 2e-2 if CUDA else 2e-4
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
 def test_local_alignment_rejects_text_without_units():
