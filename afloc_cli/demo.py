@@ -40,7 +40,8 @@ class DemoPlan:
 
     @classmethod
     def full(cls) -> DemoPlan:
-        """~7 min of training on 2 cores: as much of the learning benchmark's schedule as the demo's 10 minutes hold.
+        """~7 min of training on 2 cores with native bf16: as much of the learning benchmark's schedule as the demo's
+        10 minutes hold there (about 16 min in fp32 on an AVX2-only CPU: RESULTS.md, "Demo speed on an AVX2-only CPU").
 
         2,000 images (1,400 train; run E of "Demo learning" had 1,200, and more data and steps steadied the
         maps and the zero-shot scores in the learning benchmark), 160 px (a 10x10 deep grid; 128 px gives 8x8,
