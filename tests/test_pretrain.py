@@ -114,7 +114,7 @@ def test_training_losses_equal_the_losses_on_the_embedded_maps(cache, tmp_path):
     for freeze in ("true", "false"):
         cfg = _cfg("report_sampling=all", f"freeze_text={freeze}", "model.text.max_length=32")
         trainer = Trainer(cfg, FrameCache(cache), tmp_path / f"run-{freeze}")
-        trainer._train_mode(False)  # no dropout: both passes see the same network
+        trainer.model.eval()  # no dropout: both passes see the same network
         items = [trainer.train_set[(i, 0)] for i in range(4)]
         frames = torch.stack([f for f, _ in items])
         texts = [t for _, t in items]
