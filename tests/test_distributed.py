@@ -18,7 +18,7 @@ from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
 from afloc_cli.text.data.sentences import prepare_report
 from afloc_cli.text.model.encoder import TextEncoder
 from afloc_cli.vlp.model import build_model
-from train.config import TrainConfig
+from train.config import TrainConfig, with_losses
 from train.distributed import DistInfo
 from train.loop import _Forward, compute_losses
 
@@ -92,3 +92,48 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, monkeypatch: pytest.Mo
             torch.testing.assert_close(got["losses"][key], losses[key].detach(), rtol=1e-5, atol=1e-6)
         for key in WATCH:
             torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def _ablation_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Two steps of the GLoRIA-like ablation (no word loss) under DDP: the word level's embedder gets no
+    gradient, and DDP must know that from the forward's outputs or its second step fails."""
+    TextEncoder.tokenize = _padded_to_max_length()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg, model, frames, texts = _setup()
+    cfg = with_losses(cfg, "global,sent")
+    forward = nn.parallel.DistributedDataParallel(_Forward(model, ("global", "deep")), find_unused_parameters=True)
+    per = len(texts) // world
+    part = slice(rank * per, (rank + 1) * per)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        losses = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
+                                torch.device("cpu"), "fp32")
+        losses["total"].backward()
+    params = dict(model.named_parameters())
+    torch.save({"total": losses["total"].detach(), "grads": {k: params[k].grad for k in WATCH}},
+               f"{out}/ablation{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_train_an_ablation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(TextEncoder, "tokenize", _padded_to_max_length())
+    cfg, model, frames, texts = _setup()
+    cfg = with_losses(cfg, "global,sent")
+    losses = compute_losses(_Forward(model, ("global", "deep")), model, frames, texts, cfg, DistInfo(),
+                            torch.device("cpu"), "fp32")
+    losses["total"].backward()
+    params = dict(model.named_parameters())
+    assert params["image_encoder.local2_embedder.weight"].grad is None
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_ablation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"ablation{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["total"], losses["total"].detach(), rtol=1e-5, atol=1e-6)
+        for key in WATCH:
+            want = params[key].grad
+            if want is None or key.startswith("image_encoder.local2"):
+                assert got["grads"][key] is None or not bool(got["grads"][key].any()), key
+            else:
+                torch.testing.assert_close(got["grads"][key], want, rtol=1e-4, atol=1e-7, msg=key)

@@ -71,7 +71,8 @@ class _Forward(nn.Module):
         """`text_batch` None: the text features come from a frozen-encoder cache, outside the wrapped module."""
         text = None if text_batch is None else self.model.text_encoder(text_batch)
         image = self.model.encode_images(x, self.levels, project_local=False)
-        return image, text, self.model.image_encoder.local_projections()
+        projections = {k: w for k, w in self.model.image_encoder.local_projections().items() if k in self.levels}
+        return image, text, projections
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
