@@ -74,6 +74,12 @@ def cpu_training_precision() -> str:
     return "bf16" if cpu_capabilities().native_bf16 else "fp32"
 
 
+# Said before training where the CPU lacks native bf16: the demo's 10 minutes assume it (RESULTS.md, "Demo speed
+# on an AVX2-only CPU": 20 min 17 s from a fresh clone on two AVX2 cores).
+FP32_NOTE = ("this CPU has no native bf16, so training runs in fp32: expect about twice the demo's 10 minutes "
+             "on two cores (the bar shows the time left)")
+
+
 def training_config(plan: DemoPlan, *, seed: int = 1, losses: str | None = None, workers: int = 2):
     """The demo's training configuration (also the learning benchmark's): small preset, frozen text."""
     from train.config import load_config, with_losses
@@ -162,6 +168,8 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
 
     t = _step(console, "3/5 pretrain (global + sentence + word losses, no boxes)")
     cfg = training_config(plan, workers=workers)
+    if cfg.precision == "fp32":
+        console.print(FP32_NOTE)
     checkpoint, steps = pretrain(cache, out / "run", cfg, console)
     timings["pretrain"] = time.perf_counter() - t
     console.print(f"checkpoint: {checkpoint} ({steps} steps)")

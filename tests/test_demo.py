@@ -12,10 +12,15 @@ from afloc_cli.cli import run
 from afloc_cli.heatmaps.store import HeatmapFile
 
 
-def test_quick_demo_writes_every_output(tmp_path, capsys):
+def test_quick_demo_writes_every_output(tmp_path, capsys, monkeypatch):
+    import afloc_cli.demo as demo
+
+    monkeypatch.setattr(demo, "cpu_training_precision", lambda: "fp32")  # as on a CPU without native bf16
     out = tmp_path / "demo"
     assert run(["demo", "--quick", "--out", str(out), "--workers", "0", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "no native bf16, so training runs in fp32" in " ".join(captured.err.split())  # said, not silent
     assert (out / "run" / "model.safetensors").is_file() and (out / "demo.json").is_file()
     with HeatmapFile.open(out / "test_heatmaps.h5") as hf:
         assert hf.attrs["readout"] == "contrast" and hf.n_prompts == 7 and hf.n_images > 0
