@@ -93,11 +93,8 @@ def _prepare(regions: Tensor, units: Tensor, unit_mask: Tensor,
 
 
 def embed_regions(regions: Tensor, projection: Tensor | None) -> Tensor:
-    """The embedded regions projection @ regions (B, d, M): what every path without the factored form uses."""
-    if projection is None:
-        return regions
-    flat = regions.flatten(2) if regions.dim() == 4 else regions
-    return torch.matmul(projection.to(flat.dtype), flat)
+    """The embedded regions projection @ regions (B, d, M), from `_prepare`'s (B, c, M): the unfactored form."""
+    return regions if projection is None else torch.matmul(projection.to(regions.dtype), regions)
 
 
 def scores_from_terms(ec: Tensor, cc: Tensor, units: Tensor, mask: Tensor, temp2: float) -> Tensor:
@@ -223,19 +220,16 @@ def torch_local_similarity(
     v, e, mask = _prepare(regions, units, unit_mask, projection)
     dtype = torch.promote_types(torch.promote_types(v.dtype, e.dtype), torch.float32)  # softmaxes in >= fp32
     v, e = v.to(dtype), e.to(dtype)
-    gram = None
-    q = e
-    if projection is not None:
+    q, gram = e, None
+    if projection is not None and v.shape[1] < projection.shape[0]:
         w = projection.to(dtype)
-        if v.shape[1] < w.shape[0]:
-            q, gram = torch.matmul(e, w), w.t() @ w
-        else:  # no fewer channels than the text space: embedding the regions is cheaper
-            v = torch.matmul(w, v)
+        q, gram = torch.matmul(e, w), w.t() @ w
+    else:  # no projection, or no fewer channels than the text space: embedding the regions is cheaper
+        v = embed_regions(v, projection)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = chunk_size or default_chunk_size(v.shape[0], e.shape[0], e.shape[1], v.shape[2])
-    recompute = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (v, e) + (() if projection is None else (projection,)))
+    recompute = torch.is_grad_enabled() and (v.requires_grad or q.requires_grad)  # q carries e and W
     if chunk_size is None and v.shape[0] * e.shape[0] * e.shape[1] * v.shape[2] <= SMALL_ATTENTION_ELEMENTS:
         # Small problems (the CPU demo: B = 16) keep their few attention-sized tensors under plain
         # autograd, within the chunk budget, and skip the recomputation (1.5x faster there).
@@ -254,9 +248,7 @@ def torch_local_similarity(
     order = [j for texts, _ in groups for j in texts]
     if order == list(range(len(order))):
         return scores
-    inverse = torch.empty(len(order), dtype=torch.int64)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return scores[:, inverse.to(scores.device)]
+    return scores[:, torch.argsort(torch.tensor(order, device=scores.device))]
 
 
 # ----------------------------------------------------------------------------------------------
