@@ -20,7 +20,7 @@ from afloc_cli.text.model.encoder import TextEncoder
 from afloc_cli.vlp.model import build_model
 from train.config import TrainConfig, with_losses
 from train.distributed import DistInfo
-from train.loop import _Forward, compute_losses
+from train.loop import _Forward, compute_losses, levels_for
 
 REPORTS = [
     "There is a small left pleural effusion. The heart size is normal.",
@@ -45,10 +45,13 @@ def _padded_to_max_length() -> Callable:
     return functools.partialmethod(_TOKENIZE, pad_to_max_length=True)
 
 
-def _setup() -> tuple[TrainConfig, nn.Module, torch.Tensor, list]:
-    cfg = TrainConfig(model=small_config().replace(
+FULL = "global,sent,word"
+
+
+def _setup(losses: str) -> tuple[TrainConfig, nn.Module, torch.Tensor, list]:
+    cfg = with_losses(TrainConfig(model=small_config().replace(
         image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
-        preprocess=PreprocessConfig(image_size=64)), batch_size=4, precision="fp32")
+        preprocess=PreprocessConfig(image_size=64)), batch_size=4, precision="fp32"), losses)
     torch.manual_seed(0)
     random.seed(0)
     model = build_model(cfg.model)
@@ -58,82 +61,63 @@ def _setup() -> tuple[TrainConfig, nn.Module, torch.Tensor, list]:
     return cfg, model, frames, texts
 
 
-def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out: str, losses: str, steps: int) -> None:
+    """`steps` optimizer-free steps of `losses` under DDP on this rank's half of the batch; saves the last
+    step's losses and the watched gradients (None where a parameter got none)."""
     TextEncoder.tokenize = _padded_to_max_length()  # this process is the worker's own
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg, model, frames, texts = _setup()
-    forward = nn.parallel.DistributedDataParallel(_Forward(model, ("global", "deep", "shallow")),
-                                                  find_unused_parameters=True)
+    cfg, model, frames, texts = _setup(losses)
+    forward = nn.parallel.DistributedDataParallel(_Forward(model, levels_for(cfg)), find_unused_parameters=True)
     per = len(texts) // world
     part = slice(rank * per, (rank + 1) * per)
-    losses = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
-                            torch.device("cpu"), "fp32")
-    losses["total"].backward()
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        result = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
+                                torch.device("cpu"), "fp32")
+        result["total"].backward()
     params = dict(model.named_parameters())
-    torch.save({"losses": {k: v.detach() for k, v in losses.items()},
-                "grads": {k: params[k].grad.clone() for k in WATCH}}, f"{out}/rank{rank}.pt")
+    torch.save({"losses": {k: v.detach() for k, v in result.items()}, "grads": {k: params[k].grad for k in WATCH}},
+               f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _one_process(losses: str) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter]]:
+    """The same losses on the whole batch in this process, backpropagated: (losses, parameters)."""
+    cfg, model, frames, texts = _setup(losses)
+    result = compute_losses(_Forward(model, levels_for(cfg)), model, frames, texts, cfg, DistInfo(),
+                            torch.device("cpu"), "fp32")
+    result["total"].backward()
+    return result, dict(model.named_parameters())
+
+
+def _spawn(tmp_path: Path, losses: str, steps: int) -> list[dict]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), losses, steps), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(TextEncoder, "tokenize", _padded_to_max_length())
-    cfg, model, frames, texts = _setup()
-    forward = _Forward(model, ("global", "deep", "shallow"))
-    losses = compute_losses(forward, model, frames, texts, cfg, DistInfo(), torch.device("cpu"), "fp32")
-    losses["total"].backward()
-    params = dict(model.named_parameters())
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    losses, params = _one_process(FULL)
+    for got in _spawn(tmp_path, FULL, steps=1):
         for key in ("global", "sentence", "word", "total"):
             torch.testing.assert_close(got["losses"][key], losses[key].detach(), rtol=1e-5, atol=1e-6)
         for key in WATCH:
             torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)
 
 
-def _ablation_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """Two steps of the GLoRIA-like ablation (no word loss) under DDP: the word level's embedder gets no
-    gradient, and DDP must know that from the forward's outputs or its second step fails."""
-    TextEncoder.tokenize = _padded_to_max_length()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    cfg, model, frames, texts = _setup()
-    cfg = with_losses(cfg, "global,sent")
-    forward = nn.parallel.DistributedDataParallel(_Forward(model, ("global", "deep")), find_unused_parameters=True)
-    per = len(texts) // world
-    part = slice(rank * per, (rank + 1) * per)
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        losses = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
-                                torch.device("cpu"), "fp32")
-        losses["total"].backward()
-    params = dict(model.named_parameters())
-    torch.save({"total": losses["total"].detach(), "grads": {k: params[k].grad for k in WATCH}},
-               f"{out}/ablation{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_two_gloo_ranks_train_an_ablation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two steps of the GLoRIA-like ablation (no word loss) under DDP give one process's loss and gradients,
+    and the word level's embedder gets none."""
     monkeypatch.setattr(TextEncoder, "tokenize", _padded_to_max_length())
-    cfg, model, frames, texts = _setup()
-    cfg = with_losses(cfg, "global,sent")
-    losses = compute_losses(_Forward(model, ("global", "deep")), model, frames, texts, cfg, DistInfo(),
-                            torch.device("cpu"), "fp32")
-    losses["total"].backward()
-    params = dict(model.named_parameters())
+    losses, params = _one_process("global,sent")
     assert params["image_encoder.local2_embedder.weight"].grad is None
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_ablation_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"ablation{rank}.pt", weights_only=True)
-        torch.testing.assert_close(got["total"], losses["total"].detach(), rtol=1e-5, atol=1e-6)
+    for got in _spawn(tmp_path, "global,sent", steps=2):
+        torch.testing.assert_close(got["losses"]["total"], losses["total"].detach(), rtol=1e-5, atol=1e-6)
         for key in WATCH:
             want = params[key].grad
-            if want is None or key.startswith("image_encoder.local2"):
+            if want is None:
                 assert got["grads"][key] is None or not bool(got["grads"][key].any()), key
             else:
                 torch.testing.assert_close(got["grads"][key], want, rtol=1e-4, atol=1e-7, msg=key)
