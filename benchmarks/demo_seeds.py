@@ -13,6 +13,7 @@ them all.
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/demo-seeds-ww --seeds 5 --jobs 2 \\
         --corpus /tmp/demo-seeds/corpus --cache /tmp/demo-seeds/cache --set optim.word_warmup=400
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds --quick      # a smoke run of the whole chain
+    .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds6 --seeds 4 --first-seed 6 --jobs 2  # seeds 6..9
 
 Results are recorded in benchmarks/RESULTS.md ("The demo over five seeds").
 """
@@ -105,7 +106,9 @@ def summarize(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=5, help="how many seeds to train")
+    ap.add_argument("--first-seed", type=int, default=1,
+                    help="the first of them (a fresh set for a test decided after looking at seeds 1..N)")
     ap.add_argument("--quick", action="store_true", help="the demo's --quick plan: checks the chain only")
     ap.add_argument("--corpus", type=Path, default=None, help="an existing demo corpus (default: synthesize it)")
     ap.add_argument("--cache", type=Path, default=None, help="its training cache (with --corpus)")
@@ -134,7 +137,7 @@ def main() -> None:
         generate_corpus(corpus, SynthConfig(n=plan.n_images, seed=0), workers=args.workers, overwrite=True)
         prepare_cache(corpus / "manifest.csv", cache, size=plan.image_size, workers=args.workers)
     ctx = Context(plan, out, corpus, cache, 20 if args.quick else args.bootstrap, args.reuse_runs)
-    seeds = list(range(1, args.seeds + 1))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.jobs > 1:
         console.print(f"{len(seeds)} seeds on {args.jobs} worker processes of {threads} thread(s) each")
