@@ -97,9 +97,9 @@ def test_demo_seeds_quick_chain(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "seeds"
     _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(out), "--quick",
-                 "--seeds", "2", "--workers", "0", "--threads", "1"], repo)
+                 "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1"], repo)
     meta = json.loads((out / "demo_seeds.json").read_text())
-    assert [r["seed"] for r in meta["seeds"]] == [1, 2] and all(r["steps"] == 4 for r in meta["seeds"])
+    assert [r["seed"] for r in meta["seeds"]] == [3, 4] and all(r["steps"] == 4 for r in meta["seeds"])
     for r in meta["seeds"]:
         assert set(r["targets"]) == {"readouts", "fused"}
         assert set(r["table"]) == {"readouts", "fused", "untrained"}
