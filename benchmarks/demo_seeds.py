@@ -4,10 +4,10 @@
 training trajectory about as much as the seed does (RESULTS.md, "Demo (make
 demo) on another CPU"). So one run says little about what a new user will see.
 This trains the demo's plan (`DemoPlan.full()`, with any overrides given) for
-seeds 1..N on the demo's corpus, scores every row of the demo's table
-(`afloc_cli.demo.score_table`), judges each against the demo's targets
-(`afloc_cli.demo.DEMO_TARGETS`), and counts the seeds on which each row meets
-them all.
+--seeds N seeds from --first-seed (1..N by default) on the demo's corpus,
+scores every row of the demo's table (`afloc_cli.demo.score_table`), judges
+each against the demo's targets (`afloc_cli.demo.DEMO_TARGETS`), and counts the
+seeds on which each row meets them all.
 
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/demo-seeds --seeds 5 --jobs 2
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/demo-seeds-ww --seeds 5 --jobs 2 \\
