@@ -14,6 +14,8 @@ seeds on which each row meets them all.
         --corpus /tmp/demo-seeds/corpus --cache /tmp/demo-seeds/cache --set optim.word_warmup=400
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds --quick      # a smoke run of the whole chain
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds6 --seeds 4 --first-seed 6 --jobs 2  # seeds 6..9
+    .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds-raw --reuse-runs --weights optimised ...  # the
+        # same runs, scored on their optimised weights rather than their weight average (optim.ema_decay)
 
 Results are recorded in benchmarks/RESULTS.md ("The demo over five seeds").
 """
@@ -58,6 +60,14 @@ class Context:
     cache: Path
     n_boot: int
     reuse_runs: bool
+    weights: str = "model"
+
+
+def optimised_weights(run_dir: Path) -> Path:
+    """The last checkpoint's optimised weights: the run's model.safetensors holds the average under
+    optim.ema_decay, so this scores the same run without it."""
+    name = json.loads((run_dir / "checkpoints" / "last.json").read_text())["checkpoint"]
+    return run_dir / "checkpoints" / name / "model.safetensors"
 
 
 def run_seed(seed: int, ctx: Context) -> dict:
@@ -70,10 +80,12 @@ def run_seed(seed: int, ctx: Context) -> dict:
     else:
         checkpoint, steps = pretrain(ctx.cache, run_dir, cfg, Console(stderr=True), show_progress=False)
         train_s = round(time.perf_counter() - start, 1)
+    if ctx.weights == "optimised":
+        checkpoint = optimised_weights(run_dir)
     untrained = untrained_checkpoint(cfg, ctx.out / "runs" / f"untrained-seed{seed}.safetensors")
     table = score_table(checkpoint, untrained, ctx.corpus, ctx.out / "bench" / f"seed{seed}", ctx.n_boot)
     return {"seed": seed, "steps": steps, "train_s": train_s, "threads": torch.get_num_threads(),
-            "table": table, "targets": judge_table(table)}
+            "checkpoint": str(checkpoint), "table": table, "targets": judge_table(table)}
 
 
 def summarize(results: list[dict]) -> str:
@@ -120,6 +132,9 @@ def main() -> None:
                     help="torch threads per run (default: all cores, split evenly between --jobs workers)")
     ap.add_argument("--workers", type=int, default=2, help="processes that synthesize and cache the corpus")
     ap.add_argument("--reuse-runs", action="store_true", help="re-score the seeds already trained under --out")
+    ap.add_argument("--weights", choices=("model", "optimised"), default="model",
+                    help="score each run's model.safetensors (the weight average under optim.ema_decay), or its "
+                         "last checkpoint's optimised weights")
     args = ap.parse_args()
     if (args.corpus is None) != (args.cache is None):
         ap.error("--corpus and --cache go together")
@@ -136,7 +151,7 @@ def main() -> None:
         corpus, cache = out / "corpus", out / "cache"
         generate_corpus(corpus, SynthConfig(n=plan.n_images, seed=0), workers=args.workers, overwrite=True)
         prepare_cache(corpus / "manifest.csv", cache, size=plan.image_size, workers=args.workers)
-    ctx = Context(plan, out, corpus, cache, 20 if args.quick else args.bootstrap, args.reuse_runs)
+    ctx = Context(plan, out, corpus, cache, 20 if args.quick else args.bootstrap, args.reuse_runs, args.weights)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.jobs > 1:
@@ -152,8 +167,8 @@ def main() -> None:
                       + ("" if r["train_s"] is None else f" in {r['train_s']:.0f} s"))
     text = summarize(results)
     meta = {"plan": {**plan.__dict__, "overrides": list(plan.overrides)}, "corpus": str(corpus),
-            "wall_min": round((time.perf_counter() - started) / 60, 1), "machine": platform.processor()
-            or platform.machine(), "torch": torch.__version__, "seeds": results}
+            "weights": args.weights, "wall_min": round((time.perf_counter() - started) / 60, 1),
+            "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "seeds": results}
     (out / "demo_seeds.json").write_text(json.dumps(meta, indent=2))
     (out / "demo_seeds.md").write_text(text + "\n")
     print(text)

@@ -97,14 +97,25 @@ def test_demo_seeds_quick_chain(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "seeds"
     _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(out), "--quick",
-                 "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1"], repo)
+                 "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1",
+                 "--set", "optim.ema_decay=0.5"], repo)
     meta = json.loads((out / "demo_seeds.json").read_text())
     assert [r["seed"] for r in meta["seeds"]] == [3, 4] and all(r["steps"] == 4 for r in meta["seeds"])
     for r in meta["seeds"]:
         assert set(r["targets"]) == {"readouts", "fused"}
         assert set(r["table"]) == {"readouts", "fused", "untrained"}
+        assert Path(r["checkpoint"]) == out / "runs" / f"seed{r['seed']}" / "model.safetensors"  # the average
     table = (out / "demo_seeds.md").read_text()
     assert "| fused map, contrast (judged) |" in table and table.count(" of 2 |") == 4
+    # The same runs on their optimised weights, without training again.
+    _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(out), "--quick",
+                 "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1", "--reuse-runs",
+                 "--weights", "optimised"], repo)
+    again = json.loads((out / "demo_seeds.json").read_text())
+    assert again["weights"] == "optimised" and all(r["train_s"] is None for r in again["seeds"])
+    for r in again["seeds"]:
+        assert Path(r["checkpoint"]) == out / "runs" / f"seed{r['seed']}" / "checkpoints" / "step-0000004" / \
+            "model.safetensors"
 
 
 def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(monkeypatch):

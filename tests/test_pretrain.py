@@ -375,3 +375,69 @@ def test_resume_inside_the_word_warmup_is_exact(cache, tmp_path):
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _optimised(run: Path) -> dict[str, torch.Tensor]:
+    """The optimised weights of a run's last checkpoint (its model.safetensors may hold the average)."""
+    name = json.loads((run / "checkpoints" / "last.json").read_text())["checkpoint"]
+    return load_file(str(run / "checkpoints" / name / "model.safetensors"))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_weight_average_follows_the_steps_and_leaves_training_alone(cache, tmp_path, frozen):
+    """optim.ema_decay: the run's model is the EMA of the weights after each step; training itself is unchanged."""
+    text = f"freeze_text={str(frozen).lower()}"
+    plain = Trainer(_cfg("epochs=1", text), FrameCache(cache), tmp_path / "plain")
+    plain.fit()
+    averaged = Trainer(_cfg("epochs=1", text, "optim.ema_decay=0.6"), FrameCache(cache), tmp_path / "ema")
+    snapshots: list[dict[str, torch.Tensor]] = []
+    averaged.fit(on_step=lambda row: snapshots.append(
+        {k: v.detach().clone() for k, v in averaged.model.state_dict().items()}))
+    assert len(snapshots) == 5 and averaged.ema is not None and averaged.ema.steps == 5
+
+    a, b = load_file(str(tmp_path / "plain" / "model.safetensors")), _optimised(tmp_path / "ema")
+    assert a.keys() == b.keys()
+    for key in a:  # the average never feeds back: the optimised weights are the same bit for bit
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    expected = dict(snapshots[0])
+    for snap in snapshots[1:]:
+        expected = {k: 0.6 * expected[k] + 0.4 * snap[k] if snap[k].is_floating_point() else snap[k] for k in snap}
+    got = load_file(str(tmp_path / "ema" / "model.safetensors"))
+    assert got.keys() == a.keys()
+    moved = 0
+    for key, value in got.items():
+        if not value.is_floating_point():
+            continue
+        torch.testing.assert_close(value, expected[key], msg=key)
+        moved += not torch.equal(value, a[key])
+        if frozen and key.startswith("text_encoder."):
+            assert torch.equal(value, a[key]), key
+    assert moved > 0
+    if not frozen:  # a tuned text encoder is averaged too
+        assert any(k.startswith("text_encoder.") and not torch.equal(got[k], a[k]) for k in got
+                   if got[k].is_floating_point())
+
+
+def test_resume_with_a_weight_average_is_exact(cache, tmp_path):
+    straight = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8"), FrameCache(cache), tmp_path / "a")
+    straight.fit()
+    first = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8", "max_steps=7"), FrameCache(cache), tmp_path / "b")
+    first.fit()
+    resumed = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8"), FrameCache(cache), tmp_path / "b")
+    assert resumed.resume() and resumed.ema is not None and resumed.ema.steps == 7
+    resumed.fit()
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    plain = Trainer(_cfg("epochs=2", "max_steps=2"), FrameCache(cache), tmp_path / "c")
+    plain.fit()
+    with pytest.raises(AflocError, match="without optim.ema_decay"):
+        Trainer(_cfg("epochs=2", "optim.ema_decay=0.8"), FrameCache(cache), tmp_path / "c").resume()
+    with pytest.raises(AflocError, match="decay"):
+        Trainer(_cfg("epochs=2", "optim.ema_decay=0.5"), FrameCache(cache), tmp_path / "b").resume()
+    for bad in ("1", "-0.1", "1.5"):
+        with pytest.raises(AflocError, match="ema_decay"):
+            _cfg(f"optim.ema_decay={bad}")

@@ -28,6 +28,10 @@ class OptimConfig:
     # the first step, as the reference). From scratch, the word loss's noise at chance can hold the global and
     # sentence losses at chance too (RESULTS.md, "Word-loss warm-in"); easing it in lets those start first.
     word_warmup: int = 0
+    # Decay of an exponential moving average of the weights over optimizer steps (0: none). With it, the run's
+    # model.safetensors holds the average; checkpoints keep the optimised weights (and the average, to resume).
+    # Validation and the best-k choice use the optimised weights.
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -115,6 +119,8 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         raise AflocError(f"bad training setting: {exc}") from exc
     if cfg.report_sampling not in REPORT_SAMPLING:
         raise AflocError(f"report_sampling must be one of {', '.join(REPORT_SAMPLING)}, not {cfg.report_sampling!r}")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise AflocError(f"optim.ema_decay must be in [0, 1) (0: no weight average), not {cfg.optim.ema_decay}")
     if cfg.optim.word_warmup < 0:
         raise AflocError(f"optim.word_warmup must be >= 0 optimizer steps, not {cfg.optim.word_warmup}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):

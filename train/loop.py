@@ -38,6 +38,7 @@ from kernels.cpu import flush_denormals
 from train.config import TrainConfig
 from train.data import FrameCache, PretrainDataset, batches_for_rank
 from train.distributed import DistInfo, gather, gather_padded
+from train.ema import WeightAverage
 from train.losses import global_loss, local_loss
 from train.text_features import FrozenTextFeatures
 
@@ -209,6 +210,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=o.step_gamma)
         self.scaler = torch.amp.GradScaler(enabled=self.precision == "fp16")
+        # Built after the optimizer and drawing no random numbers, so it leaves the optimised weights alone.
+        self.ema = WeightAverage(self.model, o.ema_decay, text_frozen=cfg.freeze_text) if o.ema_decay else None
         self.state = TrainState()
         self.ckpt_dir = out / "checkpoints"
 
@@ -237,6 +240,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "ema": None if self.ema is None else self.ema.state_dict(),
             },
             tmp / "train_state.pt",
         )
@@ -270,6 +274,15 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         self.scaler.load_state_dict(blob["scaler"])
+        if self.ema is not None:
+            if blob.get("ema") is None:
+                raise AflocError("this checkpoint was written without optim.ema_decay, so its weight average "
+                                 "cannot be resumed exactly", path=folder,
+                                 hint="resume with the run's own settings, or start a new run")
+            try:
+                self.ema.load_state_dict(blob["ema"])
+            except ValueError as exc:
+                raise AflocError(str(exc), path=folder) from None
         torch.set_rng_state(blob["torch_rng"])
         if blob["cuda_rng"]:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
@@ -360,6 +373,8 @@ class Trainer:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update()
                     self.state.step += 1
                     self.state.batch_in_epoch = consumed
                     now = time.perf_counter()
@@ -412,5 +427,10 @@ class Trainer:
     def _finish(self) -> TrainState:
         if self.dist.is_main:
             final = self.save()
-            shutil.copyfile(final / "model.safetensors", self.out / "model.safetensors")
+            if self.ema is None:
+                shutil.copyfile(final / "model.safetensors", self.out / "model.safetensors")
+            else:  # the run's model is the average; the checkpoint folder keeps the optimised weights
+                save_checkpoint(self.ema.averaged_model(), self.out / "model.safetensors",
+                                provenance={"train_step": self.state.step, "config": self.cfg.to_dict(),
+                                            "weights": f"exponential moving average, decay {self.ema.decay}"})
         return self.state
