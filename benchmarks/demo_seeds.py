@@ -16,6 +16,7 @@ seeds on which each row meets them all.
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds6 --seeds 4 --first-seed 6 --jobs 2  # seeds 6..9
     .venv/bin/python benchmarks/demo_seeds.py --out /tmp/ds-raw --reuse-runs --weights optimised ...  # the
         # same runs, scored on their optimised weights rather than their weight average (optim.ema_decay)
+    .venv/bin/python benchmarks/demo_seeds.py --compare /tmp/ds-raw/demo_seeds.json /tmp/ds6/demo_seeds.json
 
 Results are recorded in benchmarks/RESULTS.md ("The demo over five seeds").
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -88,6 +90,41 @@ def run_seed(seed: int, ctx: Context) -> dict:
             "checkpoint": str(checkpoint), "table": table, "targets": judge_table(table)}
 
 
+def closest_call(checks: dict[str, dict]) -> tuple[float, str]:
+    """A row's margin to the demo's targets: its smallest value - threshold (negative: a miss), and which."""
+    margins = {name: -math.inf if c["value"] is None else c["value"] - c["threshold"] for name, c in checks.items()}
+    name = min(margins, key=lambda k: margins[k])
+    return margins[name], name
+
+
+def compare(a: Path, b: Path) -> str:
+    """Markdown: the judged row of two demo_seeds.json runs, seed by seed, with each seed's closest call."""
+    runs = [{r["seed"]: r for r in json.loads(p.read_text())["seeds"]} for p in (a, b)]
+    seeds = sorted(set(runs[0]) & set(runs[1]))
+    if not seeds:
+        raise SystemExit(f"{a} and {b} share no seed")
+    lines = ["| seed | A: pointing / mIoU / AUROC | A: closest call | B: pointing / mIoU / AUROC | B: closest call |",
+             "|---|---|---|---|---|"]
+    wins, met = 0, [0, 0]
+    for seed in seeds:
+        cells: list[str] = []
+        margins: list[float] = []
+        for i, run in enumerate(runs):
+            r = run[seed]
+            v, checks = r["table"][JUDGED_ROW[0]][JUDGED_ROW[1]], r["targets"][JUDGED_ROW[0]][JUDGED_ROW[1]]
+            margin, which = closest_call(checks)
+            margins.append(margin)
+            met[i] += not unmet(checks)
+            cells += [f"{v['pointing']:.3f} / {v['miou']:.3f} / {v['auroc']:.3f}", f"{margin:+.3f} ({which})"]
+        wins += margins[1] > margins[0]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines += ["", f"A = {a}, B = {b}. Judged row ({', '.join(JUDGED_ROW)}); closest call = the smallest value - "
+              f"target over {DEMO_TARGETS} (negative: a miss).",
+              f"B's closest call is larger on {wins} of {len(seeds)} seeds; every target met on {met[0]} (A) and "
+              f"{met[1]} (B) of {len(seeds)}."]
+    return "\n".join(lines)
+
+
 def summarize(results: list[dict]) -> str:
     """Markdown: per row, each seed's pointing / mIoU / AUROC and whether it met every target."""
     seeds = [r["seed"] for r in results]
@@ -117,7 +154,9 @@ def summarize(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=False)
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
+                    help="compare the judged row of two runs' demo_seeds.json, seed by seed, and stop")
     ap.add_argument("--seeds", type=int, default=5, help="how many seeds to train")
     ap.add_argument("--first-seed", type=int, default=1,
                     help="the first of them (a fresh set for a test decided after looking at seeds 1..N)")
@@ -136,8 +175,13 @@ def main() -> None:
                     help="score each run's model.safetensors (the weight average under optim.ema_decay), or its "
                          "last checkpoint's optimised weights")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*args.compare))
+        return
     if (args.corpus is None) != (args.cache is None):
         ap.error("--corpus and --cache go together")
+    if args.out is None:
+        ap.error("--out is required (unless --compare)")
     console = Console(stderr=True)
     plan = DemoPlan.quick() if args.quick else DemoPlan.full()
     plan = replace(plan, overrides=(*plan.overrides, *args.overrides))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from afloc_cli.cli import run
 from afloc_cli.heatmaps.store import HeatmapFile
 
@@ -107,23 +109,47 @@ def test_demo_seeds_quick_chain(tmp_path):
         assert Path(r["checkpoint"]) == out / "runs" / f"seed{r['seed']}" / "model.safetensors"  # the average
     table = (out / "demo_seeds.md").read_text()
     assert "| fused map, contrast (judged) |" in table and table.count(" of 2 |") == 4
-    # The same runs on their optimised weights, without training again.
-    _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(out), "--quick",
+    # The same runs on their optimised weights, without training again, then the two compared seed by seed.
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "runs").symlink_to(out / "runs")
+    _run_script([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(raw), "--quick",
                  "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1", "--reuse-runs",
                  "--weights", "optimised"], repo)
-    again = json.loads((out / "demo_seeds.json").read_text())
+    again = json.loads((raw / "demo_seeds.json").read_text())
     assert again["weights"] == "optimised" and all(r["train_s"] is None for r in again["seeds"])
     for r in again["seeds"]:
-        assert Path(r["checkpoint"]) == out / "runs" / f"seed{r['seed']}" / "checkpoints" / "step-0000004" / \
+        assert Path(r["checkpoint"]) == raw / "runs" / f"seed{r['seed']}" / "checkpoints" / "step-0000004" / \
             "model.safetensors"
+    shown = subprocess.run([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--compare",
+                            str(raw / "demo_seeds.json"), str(out / "demo_seeds.json")],
+                           cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert shown.count("\n| 3 | ") == 1 and shown.count("\n| 4 | ") == 1 and "of 2 seeds" in shown
+
+
+def test_closest_call_is_the_smallest_margin(monkeypatch):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
+    spec = importlib.util.spec_from_file_location("demo_seeds_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "demo_seeds_bench", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    from afloc_cli.demo import judge_targets
+
+    trained = {"auroc": 0.88, "pointing": 0.45, "miou": 0.26}
+    margin, which = module.closest_call(judge_targets(trained, {"pointing": 0.02}))
+    assert which == "pointing" and margin == pytest.approx(0.05)
+    margin, which = module.closest_call(judge_targets({**trained, "auroc": 0.79}, {"pointing": 0.02}))
+    assert which == "auroc" and margin == pytest.approx(-0.01)
+    assert module.closest_call(judge_targets({**trained, "auroc": None}, {"pointing": 0.0}))[0] == -math.inf
 
 
 def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(monkeypatch):
     """--train-images: val and test keep their sizes, the step count and the last learning rate stay put."""
     import importlib.util
     from collections import Counter
-
-    import pytest
 
     from afloc_cli.synth import SynthConfig
     from afloc_cli.synth.corpus import assign_splits
