@@ -127,16 +127,23 @@ def test_demo_seeds_quick_chain(tmp_path):
     assert shown.count("\n| 3 | ") == 1 and shown.count("\n| 4 | ") == 1 and "of 2 seeds" in shown
 
 
-def test_closest_call_is_the_smallest_margin(monkeypatch):
+def _bench_script(name: str, monkeypatch):
+    """A benchmarks/ script imported as a module (they are scripts, not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
-    spec = importlib.util.spec_from_file_location("demo_seeds_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "demo_seeds_bench", module)  # dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, f"{name}_bench", module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
+    return module
+
+
+def test_closest_call_is_the_smallest_margin(monkeypatch):
     from afloc_cli.demo import judge_targets
+
+    module = _bench_script("demo_seeds", monkeypatch)
 
     trained = {"auroc": 0.88, "pointing": 0.45, "miou": 0.26}
     margin, which = module.closest_call(judge_targets(trained, {"pointing": 0.02}))
@@ -148,18 +155,12 @@ def test_closest_call_is_the_smallest_margin(monkeypatch):
 
 def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(monkeypatch):
     """--train-images: val and test keep their sizes, the step count and the last learning rate stay put."""
-    import importlib.util
     from collections import Counter
 
     from afloc_cli.synth import SynthConfig
     from afloc_cli.synth.corpus import assign_splits
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
-    spec = importlib.util.spec_from_file_location("learning_bench", path)
-    assert spec is not None and spec.loader is not None
-    learning = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "learning_bench", learning)  # dataclasses look their module up there
-    spec.loader.exec_module(learning)
+    learning = _bench_script("learning", monkeypatch)
 
     default = learning.budget(False)
     assert default.n_images == 2000 and default.plan.epochs == 28

@@ -140,20 +140,27 @@ def test_training_losses_equal_the_losses_on_the_embedded_maps(cache, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_resume_is_exact(cache, tmp_path):
-    straight = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "a")
+def _resume_matches_straight(cache: Path, tmp_path: Path, *settings: str, stop: int) -> Trainer:
+    """Two epochs straight, and stopped after `stop` steps then resumed: the same model, bit for bit.
+    Returns the resumed trainer (after its fit)."""
+    straight = Trainer(_cfg("epochs=2", *settings), FrameCache(cache), tmp_path / "a")
     straight.fit()
-    first = Trainer(_cfg("epochs=2", "max_steps=7"), FrameCache(cache), tmp_path / "b")
-    first.fit()  # stops mid-epoch 1 (5 steps per epoch) and saves
-    resumed = Trainer(_cfg("epochs=2"), FrameCache(cache), tmp_path / "b")
+    first = Trainer(_cfg("epochs=2", *settings, f"max_steps={stop}"), FrameCache(cache), tmp_path / "b")
+    first.fit()
+    resumed = Trainer(_cfg("epochs=2", *settings), FrameCache(cache), tmp_path / "b")
     assert resumed.resume()
-    assert resumed.state.step == 7 and resumed.state.epoch == 1
+    assert resumed.state.step == stop and resumed.state.epoch == stop // 5  # 5 steps per epoch
     resumed.fit()
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    return resumed
+
+
+def test_resume_is_exact(cache, tmp_path):
+    _resume_matches_straight(cache, tmp_path, stop=7)  # stops mid-epoch 1
 
 
 def test_ablation_switches(cache, tmp_path):
@@ -364,17 +371,7 @@ def test_word_warmup_eases_the_word_loss_in(cache, tmp_path, monkeypatch):
 
 def test_resume_inside_the_word_warmup_is_exact(cache, tmp_path):
     """The warm-in factor comes from the step count, so a run stopped inside it resumes bit for bit."""
-    straight = Trainer(_cfg("epochs=2", "optim.word_warmup=8"), FrameCache(cache), tmp_path / "a")
-    straight.fit()
-    first = Trainer(_cfg("epochs=2", "optim.word_warmup=8", "max_steps=3"), FrameCache(cache), tmp_path / "b")
-    first.fit()
-    resumed = Trainer(_cfg("epochs=2", "optim.word_warmup=8"), FrameCache(cache), tmp_path / "b")
-    assert resumed.resume() and resumed.state.step == 3
-    resumed.fit()
-    a = load_file(str(tmp_path / "a" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    _resume_matches_straight(cache, tmp_path, "optim.word_warmup=8", stop=3)
 
 
 def _optimised(run: Path) -> dict[str, torch.Tensor]:
@@ -420,17 +417,9 @@ def test_weight_average_follows_the_steps_and_leaves_training_alone(cache, tmp_p
 
 
 def test_resume_with_a_weight_average_is_exact(cache, tmp_path):
-    straight = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8"), FrameCache(cache), tmp_path / "a")
-    straight.fit()
-    first = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8", "max_steps=7"), FrameCache(cache), tmp_path / "b")
-    first.fit()
-    resumed = Trainer(_cfg("epochs=2", "optim.ema_decay=0.8"), FrameCache(cache), tmp_path / "b")
-    assert resumed.resume() and resumed.ema is not None and resumed.ema.steps == 7
-    resumed.fit()
-    a = load_file(str(tmp_path / "a" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    """The average is saved with every checkpoint: the run's model (the average) resumes bit for bit."""
+    resumed = _resume_matches_straight(cache, tmp_path, "optim.ema_decay=0.8", stop=7)
+    assert resumed.ema is not None and resumed.ema.steps == 10
 
     plain = Trainer(_cfg("epochs=2", "max_steps=2"), FrameCache(cache), tmp_path / "c")
     plain.fit()
