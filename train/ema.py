@@ -1,9 +1,9 @@
 """An exponential moving average of the trained weights, kept beside the model.
 
-Why: one short CPU run of the demo lands wherever its last steps leave it, and a
-change of seed or of rounding moves its maps and zero-shot scores as far as the
-targets' margins (benchmarks/RESULTS.md, "The demo over five seeds"). Averaging
-the last few hundred steps' weights is the usual cheap damper. The average never
+Why: a run ends wherever its last noisy steps leave it, and averaging the last
+few hundred steps' weights is the usual cheap damper. It is an option, off by
+default: for the demo's short runs it helped no more often than it hurt
+(benchmarks/RESULTS.md, "A weight average for the demo"). The average never
 feeds back into training: the optimised weights, and so every resumed or
 ablated run, are the same with it or without it.
 
