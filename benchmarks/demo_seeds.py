@@ -49,6 +49,7 @@ from afloc_cli.demo import (
     untrained_checkpoint,
 )
 from afloc_cli.synth import SynthConfig, generate_corpus
+from train.loop import last_checkpoint
 
 ROWS = {("readouts", "reference"): "deep map, reference", ("readouts", "contrast"): "deep map, contrast",
         ("fused", "reference"): "fused map, reference", ("fused", "contrast"): "fused map, contrast"}
@@ -65,11 +66,6 @@ class Context:
     weights: str = "model"
 
 
-def optimised_weights(run_dir: Path) -> Path:
-    """The last checkpoint's optimised weights: the run's model.safetensors holds the average under
-    optim.ema_decay, so this scores the same run without it."""
-    name = json.loads((run_dir / "checkpoints" / "last.json").read_text())["checkpoint"]
-    return run_dir / "checkpoints" / name / "model.safetensors"
 
 
 def run_seed(seed: int, ctx: Context) -> dict:
@@ -82,8 +78,11 @@ def run_seed(seed: int, ctx: Context) -> dict:
     else:
         checkpoint, steps = pretrain(ctx.cache, run_dir, cfg, Console(stderr=True), show_progress=False)
         train_s = round(time.perf_counter() - start, 1)
-    if ctx.weights == "optimised":
-        checkpoint = optimised_weights(run_dir)
+    if ctx.weights == "optimised":  # the run's model.safetensors holds the average under optim.ema_decay
+        last = last_checkpoint(run_dir)
+        if last is None:
+            raise SystemExit(f"{run_dir}: no checkpoint to take the optimised weights from")
+        checkpoint = last / "model.safetensors"
     untrained = untrained_checkpoint(cfg, ctx.out / "runs" / f"untrained-seed{seed}.safetensors")
     table = score_table(checkpoint, untrained, ctx.corpus, ctx.out / "bench" / f"seed{seed}", ctx.n_boot)
     return {"seed": seed, "steps": steps, "train_s": train_s, "threads": torch.get_num_threads(),

@@ -16,7 +16,7 @@ from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
 from train.config import load_config, with_losses
 from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
-from train.loop import Trainer
+from train.loop import Trainer, last_checkpoint
 
 SIDES = ["left", "right"]
 KINDS = ["effusion", "nodule"]
@@ -376,8 +376,9 @@ def test_resume_inside_the_word_warmup_is_exact(cache, tmp_path):
 
 def _optimised(run: Path) -> dict[str, torch.Tensor]:
     """The optimised weights of a run's last checkpoint (its model.safetensors may hold the average)."""
-    name = json.loads((run / "checkpoints" / "last.json").read_text())["checkpoint"]
-    return load_file(str(run / "checkpoints" / name / "model.safetensors"))
+    folder = last_checkpoint(run)
+    assert folder is not None
+    return load_file(str(folder / "model.safetensors"))
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -160,6 +160,14 @@ def _collate(items: list[tuple[torch.Tensor, PreparedText]]) -> tuple[torch.Tens
     return torch.stack([f for f, _ in items]), [t for _, t in items]
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The folder run_dir/checkpoints/last.json points at (the optimised weights and training state), if any."""
+    pointer = run_dir / "checkpoints" / "last.json"
+    if not pointer.is_file():
+        return None
+    return pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+
+
 class Trainer:
     def __init__(
         self,
@@ -230,8 +238,7 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        save_checkpoint(self.model, tmp / "model.safetensors",
-                        provenance={"train_step": self.state.step, "config": self.cfg.to_dict()})
+        save_checkpoint(self.model, tmp / "model.safetensors", provenance=self._provenance())
         torch.save(
             {
                 "state": dataclasses.asdict(self.state),
@@ -255,6 +262,9 @@ class Trainer:
         self._prune(name)
         return final
 
+    def _provenance(self) -> dict[str, Any]:
+        return {"train_step": self.state.step, "config": self.cfg.to_dict()}
+
     def _prune(self, last: str) -> None:
         """Keep the latest checkpoint and the best k by validation loss; remove the rest."""
         keep = {last} | {f"step-{step:07d}" for _, step in self.state.best}
@@ -263,10 +273,9 @@ class Trainer:
                 shutil.rmtree(folder)
 
     def resume(self) -> bool:
-        pointer = self.ckpt_dir / "last.json"
-        if not pointer.is_file():
+        folder = last_checkpoint(self.out)
+        if folder is None:
             return False
-        folder = self.ckpt_dir / json.loads(pointer.read_text())["checkpoint"]
         self.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
         blob = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
         st = blob["state"]
@@ -430,7 +439,6 @@ class Trainer:
             if self.ema is None:
                 shutil.copyfile(final / "model.safetensors", self.out / "model.safetensors")
             else:  # the run's model is the average; the checkpoint folder keeps the optimised weights
-                save_checkpoint(self.ema.averaged_model(), self.out / "model.safetensors",
-                                provenance={"train_step": self.state.step, "config": self.cfg.to_dict(),
-                                            "weights": f"exponential moving average, decay {self.ema.decay}"})
+                save_checkpoint(self.ema.averaged_model(), self.out / "model.safetensors", provenance={
+                    **self._provenance(), "weights": f"exponential moving average, decay {self.ema.decay}"})
         return self.state
