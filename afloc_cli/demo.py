@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from afloc_cli.benchmark.runner import BenchmarkResult, run_benchmark
 from afloc_cli.checkpoint.io import load_checkpoint, sha256_file
@@ -63,7 +64,7 @@ class DemoPlan:
 
 
 def _step(console: Console, title: str) -> float:
-    console.rule(f"[bold]{title}")
+    console.rule(Text(title, style="bold"))
     return time.perf_counter()
 
 

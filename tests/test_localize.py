@@ -174,6 +174,23 @@ def test_localize_cli_exit_codes_and_json(tmp_path, tiny_checkpoint, image_folde
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("folder", ["scan[red]", "cr[/b]"])
+def test_paths_print_as_they_are_one_line_per_failure(tmp_path, tiny_checkpoint, capsys, folder):
+    """Square brackets in a path are not console markup: `[red]` must not vanish and `[/b]` must not crash."""
+    broken = tmp_path / folder / ("a-very-long-folder-name-" * 4)
+    broken.mkdir(parents=True)
+    (broken / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken / "good.png")
+    out = tmp_path / folder / "maps.h5"
+    capsys.readouterr()
+    assert _localize([str(broken), "--prompt", "left effusion", "--out", str(out)], tiny_checkpoint) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert f"failed: {broken / 'bad.png'}" in "\n".join(lines)
+    failed = [line for line in lines if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith(f"failed: {broken / 'bad.png'}: ")  # the whole message, one line
+    assert any(f"-> {out} (1 failed" in line for line in lines)
+
+
 def test_shards_merged_equal_single_run_and_scores_tables(tmp_path, tiny_checkpoint, image_folder):
     args = [str(image_folder), "--prompt", "left effusion", "--prompt", "cardiomegaly"]
     single = tmp_path / "single.h5"

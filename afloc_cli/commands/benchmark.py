@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from afloc_cli.commands import stderr_console
 from afloc_cli.errors import AflocError
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ def benchmark_command(
     except ValueError as exc:
         raise AflocError(f"--thresholds must be a comma list of numbers, not {thresholds!r}") from exc
     ensembles = load_class_prompts(class_prompts) if class_prompts is not None else None
-    console = Console(stderr=True)
+    console = stderr_console()
 
     def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
         loaded = load_any(checkpoint_path(checkpoint), text_model)
@@ -116,7 +117,7 @@ def benchmark_command(
                                checkpoint_sha256=loaded.sha256, batch_size=batch_size, workers=workers,
                                resume=True, wanted=wanted)
         if summary.failed:
-            console.print(f"[yellow]{summary.failed} images could not be read; they are not scored[/]")
+            console.print(f"{summary.failed} images could not be read; they are not scored", style="yellow")
         return h5, loaded.sha256
 
     options = {"mimic_root": mimic_root} if mimic_root is not None else {}

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
+
+from afloc_cli.commands import stderr_console
 
 
 def compile_command(
@@ -39,16 +40,16 @@ def compile_command(
     )
     resolve_build_device(options)  # refuse an impossible request before loading anything
     check_out(out, overwrite)
-    console = Console(stderr=True)
+    console = stderr_console()
     loaded = load_any(checkpoint_path(checkpoint), text_model)
     for note in loaded.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"note: {note}", style="yellow")
     meta = build_engine(
         loaded.model, checkpoint_sha256=loaded.sha256, checkpoint_path=loaded.path, out=out, options=options,
-        overwrite=overwrite, log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+        overwrite=overwrite, log=console.print,
     )
     if as_json:
         typer.echo(json.dumps(meta, sort_keys=True))
     else:
         console.print(f"engine written to {out} ({meta['backend']}, {meta['precision']}, batch "
-                      f"{profile.min}..{profile.max}, device {meta['device']})", highlight=False, markup=False)
+                      f"{profile.min}..{profile.max}, device {meta['device']})")

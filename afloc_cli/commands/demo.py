@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from afloc_cli.commands import stderr_console
 
 
 def demo_command(
@@ -20,7 +21,7 @@ def demo_command(
     """Synthesize radiographs, pretrain without boxes, localize held-out images, benchmark them."""
     from afloc_cli.demo import DemoPlan, run_demo, unmet
 
-    console = Console(stderr=True)
+    console = stderr_console()
     report = run_demo(out, DemoPlan.quick() if quick else DemoPlan.full(), console, workers=workers)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -45,8 +46,8 @@ def demo_command(
         for readout, checks in readouts.items():
             missed = unmet(checks)
             judged = " (judged)" if [row, readout] == report["judged"] else ""
-            verdict = "[green]met[/]" if not missed else "[red]not met[/]: " + ", ".join(missed)
-            console.print(f"  {labels[row]}, {readout}{judged}: {verdict}")
+            verdict = "met" if not missed else "not met: " + ", ".join(missed)
+            console.print(f"  {labels[row]}, {readout}{judged}: {verdict}", style="red" if missed else "green")
     for key in ("checkpoint", "heatmaps", "benchmark"):
         console.print(f"{key}: {report[key]}")
     console.print(f"timings (s): {report['timings_s']}")

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from afloc_cli.commands import stderr_console
 from afloc_cli.errors import AflocError
 
 
@@ -38,7 +38,7 @@ def import_reference_command(
     if as_json:
         typer.echo(json.dumps({"out": str(out), "sha256": sha, "report": report}, indent=2))
         return
-    console = Console(stderr=True)
+    console = stderr_console()
     for line in report:
         console.print(line)
     console.print(f"wrote {out} (sha256 {sha})")

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from afloc_cli.commands import WORKERS_HELP, decode_workers
+from afloc_cli.commands import WORKERS_HELP, decode_workers, stderr_console
 from afloc_cli.errors import AflocError
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ def localize_command(
         raise AflocError(f"--readout must be reference or contrast, not {readout!r}")
     if resume and overwrite:
         raise AflocError("--resume and --overwrite contradict each other")
-    console = Console(stderr=True)
+    console = stderr_console()
     prompt_list = _prompts(prompts_file, prompt)
     if readout == "contrast" and len(prompt_list.prompts) < 2:
         raise AflocError("--readout contrast compares each prompt's map with the other prompts' maps and needs two "
@@ -134,7 +133,7 @@ def localize_command(
                                 precision=precision, level=level)  # type: ignore[arg-type]
     prompt_list = check_prompts(prompt_list, loaded.model.text_encoder.tokenizer, loaded.model.cfg.text.max_length)
     for note in [*loaded.notes, *prompt_list.notes, *engine.notes]:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"note: {note}", style="yellow")
 
     on_batch = None
     if overlays is not None:
@@ -180,7 +179,7 @@ def localize_command(
             f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s)"
         )
         for failure in summary.failures[:10]:
-            console.print(f"[red]failed:[/] {failure['error']}")
+            console.print(f"failed: {failure['error']}", style="red")
         if len(summary.failures) > 10:
             console.print(f"... and {len(summary.failures) - 10} more (see `afloc scores` or the file's /status)")
     if summary.failed:

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from afloc_cli.commands import WORKERS_HELP, decode_workers
+from afloc_cli.commands import WORKERS_HELP, decode_workers, stderr_console
 from afloc_cli.errors import AflocError
 
 
@@ -24,7 +23,7 @@ def prepare_command(
     """Decode every image of a corpus once into a memory-mapped uint8 cache for training."""
     from train.data import prepare_cache
 
-    console = Console(stderr=True)
+    console = stderr_console()
     with Progress(TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, disable=not sys.stderr.isatty() or as_json) as progress:
         task = progress.add_task("images", total=None)
@@ -55,7 +54,7 @@ def pretrain_command(
     from train.data import FrameCache, prepare_cache
     from train.main import train
 
-    console = Console(stderr=True)
+    console = stderr_console()
     from train.config import load_config, with_losses
 
     cfg = with_losses(load_config(config, overrides, preset), losses)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from afloc_cli.errors import AflocError
 from afloc_cli.synth.corpus import (
@@ -42,7 +43,8 @@ def _config(n: int, seed: int, holdout: str) -> SynthConfig:
 def _print_summary(console: Console, summary: CorpusSummary, seconds: float) -> None:
     cfg = summary.config
     images = ", ".join(f"{summary.images[s]} {s}" for s in SPLITS)
-    console.print(f"[bold]afloc synth[/bold]: {cfg.n} images ({images}) in {seconds:.1f} s, seed {cfg.seed}")
+    console.print(Text.assemble(("afloc synth", "bold"), f": {cfg.n} images ({images}) in {seconds:.1f} s, "
+                                f"seed {cfg.seed}"))
     console.print(f"  normal images: {sum(summary.normal.values())}; boxes: {sum(summary.boxes.values())}")
     per_kind = []
     for kind, n in ((k, sum(summary.kinds[s][KIND_BY_KEY[k].category] for s in SPLITS)) for k in KIND_KEYS):
@@ -77,7 +79,7 @@ def synth_command(
 ) -> None:
     """Generate synthetic chest radiographs with reports, MS-CXR-style boxes and labels."""
     config = _config(n, seed, holdout)
-    console = Console(soft_wrap=True, highlight=False)
+    console = Console(soft_wrap=True, highlight=False, markup=False)  # paths print as they are
     n_workers = workers if workers is not None else _default_workers(n)
     start = time.perf_counter()
     if n >= PROGRESS_FROM:
