@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 import tempfile
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from dicom_factory import Lut, build_dataset, write_dicom
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom import uid
+from pydicom import dcmread, uid
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing, get_decoder
@@ -657,3 +659,32 @@ def test_nan_in_a_float_tiff_is_an_error(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "n.tif"), img)
     with pytest.raises(ImageReadError, match="NaN"):
         read_image(tmp_path / "n.tif")
+
+
+# --------------------------------------------------------------------------- pydicom's own vendor files
+
+
+def test_invalid_number_of_frames_names_the_element() -> None:
+    """pydicom's badVR.dcm stores Number of Frames as '1A': say that, not a bare int() error."""
+    path = get_testdata_file("badVR.dcm")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert str(err.value) == f"{path}: invalid DICOM header: Number of Frames '1A' is not an integer"
+
+
+def test_decoder_warnings_become_notes_not_stderr() -> None:
+    """A warning from pydicom has no file name and lands on stderr, in workers too; the notes keep it per file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping read_image fails the test
+        r = read_image(get_testdata_file("MR_small_padded.dcm"))
+    assert any(n.startswith("warning: ") and "padding" in n for n in r.info.notes)
+    np.testing.assert_array_equal(r.pixels, read_image(get_testdata_file("MR_small.dcm")).pixels)
+
+
+def test_unparseable_window_is_noted(tmp_path: Path) -> None:
+    ds = dcmread(get_testdata_file("MR_small.dcm"))
+    ds.add_new(0x00281050, "LO", "xxxx")  # Window Center that no reader can use (explicit VR keeps it text)
+    ds.save_as(tmp_path / "w.dcm")
+    r = read_image(tmp_path / "w.dcm")
+    assert (r.info.voi, r.info.scale) == ("none", "minmax")
+    assert "window not applied (Window Center 'xxxx', Window Width '1600')" in r.info.notes

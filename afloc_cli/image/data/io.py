@@ -23,7 +23,8 @@ from __future__ import annotations
 import io
 import re
 import struct
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,13 @@ def read_image(path: PathType) -> Radiograph:
     """Read any supported radiograph; every failure is an `ImageReadError` naming the path."""
     try:
         data = _read_bytes(Path(path))
-        if _has_magic(data):
-            return _read_dicom(data, magic=True)
-        return _read_other(data)
+        with warnings.catch_warnings(record=True) as caught:  # decoders' warnings go into the notes, not stderr
+            warnings.simplefilter("always")
+            radiograph = _read_dicom(data, magic=True) if _has_magic(data) else _read_other(data)
+        if caught:
+            extra = tuple(dict.fromkeys(f"warning: {_one_line(w.message, 160)}" for w in caught))
+            radiograph = Radiograph(radiograph.pixels, replace(radiograph.info, notes=radiograph.info.notes + extra))
+        return radiograph
     except _Unreadable as exc:
         raise ImageReadError(str(exc), path=path) from exc
     except MemoryError as exc:
@@ -297,10 +302,11 @@ def _read_dicom(data: bytes, *, magic: bool) -> Radiograph:
         raise _Unreadable("DICOM has no Rows/Columns")
 
     ts = _transfer_syntax(ds)
+    raw_frames = ds.get("NumberOfFrames")
     try:
-        frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+        frames = max(int(raw_frames or 1), 1)
     except (TypeError, ValueError):
-        frames = 1
+        raise _Unreadable(f"invalid DICOM header: Number of Frames {str(raw_frames)!r} is not an integer") from None
     if frames > 1:
         notes.append(f"multi-frame: first of {frames} frames used")
 
@@ -410,6 +416,9 @@ def _dicom_grey(ds: Dataset, arr: np.ndarray, photometric: str | None, notes: li
     pixels: np.ndarray | None = None
     window_c, window_w = _number(ds.get("WindowCenter")), _number(ds.get("WindowWidth"))
     has_window = window_c is not None and window_w is not None
+    raw_c, raw_w = (str(ds.get(k) or "").strip() for k in ("WindowCenter", "WindowWidth"))
+    if not has_window and (raw_c or raw_w):  # present but unusable: say so rather than fall back silently
+        notes.append(f"window not applied (Window Center {raw_c[:40]!r}, Window Width {raw_w[:40]!r})")
     voi_item = _first_lut(ds, "VOILUTSequence")
     if voi_item is not None:
         try:
