@@ -182,6 +182,10 @@ def test_ms_cxr_v110_groups_boxes_per_phrase(tmp_path: Path) -> None:
     assert problems[1].row == 7 and "image not found" in problems[1].reason
     test_items, _ = read_dataset("ms-cxr", ann, split="test")
     assert {it.item_id for it in test_items} == {"aaa/0", "aaa/1"}
+    # A phrase keeps its id whatever the split: ids count phrases over the whole file.
+    edema = "mild edema,files/p10/p10000032/s50414267/aaa.jpg,0,0,60,40,60,40,"
+    write_text(ann / "MS_CXR_Local_Alignment_v1.1.0.csv", _ms_cxr_rows().replace(edema + "test", edema + "val"))
+    assert [it.item_id for it in read_dataset("ms-cxr", ann, split="val")[0]] == ["aaa/1"]
 
 
 def test_ms_cxr_v100_has_no_split_and_accepts_mimic_root(tmp_path: Path) -> None:

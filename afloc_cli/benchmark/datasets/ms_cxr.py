@@ -151,9 +151,13 @@ def parse_json_rows(json_path: Path) -> tuple[list[BoxRow], list[Problem], bool]
 
 
 def group_rows(
-    rows: list[BoxRow], dataset: str, image_root: Path, check_images: bool = True
+    rows: list[BoxRow], dataset: str, image_root: Path, check_images: bool = True, split: str | None = None
 ) -> tuple[list[Item], list[Problem]]:
-    """One item per (dicom_id, label_text), boxes in file order; inconsistent rows become problems."""
+    """One item per (dicom_id, label_text), boxes in file order; inconsistent rows become problems.
+
+    Item ids (`<dicom_id>/<k>`, k the phrase's rank on its image in the file) are numbered over the whole file,
+    before `split` and missing images drop any, so one phrase has one id in every run's tables.
+    """
     groups: dict[tuple[str, str], list[BoxRow]] = {}
     for row in rows:
         groups.setdefault((row.dicom_id, row.label_text), []).append(row)
@@ -163,6 +167,10 @@ def group_rows(
     exists: dict[Path, bool] = {}
     for (dicom_id, label_text), members in groups.items():
         first = members[0]
+        k = phrase_index.get(dicom_id, 0)
+        phrase_index[dicom_id] = k + 1
+        if split is not None and first.split != split:
+            continue
         kept = [first]
         for other in members[1:]:
             if (other.category, other.width, other.height, other.path) != (
@@ -188,8 +196,6 @@ def group_rows(
             if not exists[image_path]:
                 problems.append(Problem(first.file, first.line, f"image not found: {image_path}"))
                 continue
-        k = phrase_index.get(dicom_id, 0)
-        phrase_index[dicom_id] = k + 1
         items.append(
             Item(
                 dataset=dataset,
@@ -272,7 +278,7 @@ class MsCxrReader:
                     hint="use MS_CXR_Local_Alignment_v1.1.0.csv, or omit the split",
                 )
             check_split(self.name, split, (r.split for r in rows))
-            rows = [r for r in rows if r.split == split]
-        image_root = find_mimic_root(annotation.parent, mimic_root, rows[0].path if rows else None)
-        items, more = group_rows(rows, self.name, image_root)
+        wanted = [r for r in rows if split is None or r.split == split]
+        image_root = find_mimic_root(annotation.parent, mimic_root, wanted[0].path if wanted else None)
+        items, more = group_rows(rows, self.name, image_root, split=split)
         return items, problems + more

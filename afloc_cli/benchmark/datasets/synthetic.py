@@ -51,9 +51,7 @@ class SyntheticReader:
         category_of = {_key(r.category): r.category for r in rows}
         label_splits = [field_of(f, col["split"]) or None for _, f in table.rows]
         check_split(self.name, split, [*(r.split for r in rows), *label_splits])
-        if split is not None:
-            rows = [r for r in rows if r.split == split]
-        items, more = group_rows(rows, self.name, root)
+        items, more = group_rows(rows, self.name, root, split=split)
         problems += more
         positive_pairs = {(it.image_id, _key(it.category)) for it in items}
         file = str(root / LABELS)
