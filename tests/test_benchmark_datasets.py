@@ -188,6 +188,21 @@ def test_ms_cxr_v110_groups_boxes_per_phrase(tmp_path: Path) -> None:
     assert [it.item_id for it in read_dataset("ms-cxr", ann, split="val")[0]] == ["aaa/1"]
 
 
+def test_ms_cxr_beside_mimic_cxr_jpg_2_1_0(tmp_path: Path) -> None:
+    """PhysioNet serves MIMIC-CXR-JPG 2.1.0 now: physionet.org/files/{ms-cxr/1.1.0, mimic-cxr-jpg/2.1.0}.
+    physionet.org itself holds a folder called files/, which must not be taken for the image root."""
+    files = tmp_path / "physionet.org" / "files"
+    ann = files / "ms-cxr" / "1.1.0"
+    mimic = files / "mimic-cxr-jpg" / "2.1.0"
+    write_image(mimic / "files/p10/p10000032/s50414267/aaa.jpg", 40, 60)
+    write_image(mimic / "files/p10/p10000033/s50414268/bbb.jpg", 50, 30)
+    write_text(ann / "MS_CXR_Local_Alignment_v1.1.0.csv", _ms_cxr_rows())
+    items, problems = read_dataset("ms-cxr", ann)
+    assert sorted(it.item_id for it in items) == ["aaa/0", "aaa/1", "bbb/0"]
+    assert all(it.image_path.is_relative_to(mimic) for it in items)
+    assert [p.row for p in problems] == [6, 7]  # the broken row and the image that is truly missing
+
+
 def test_ms_cxr_v100_has_no_split_and_accepts_mimic_root(tmp_path: Path) -> None:
     ann, mimic = _ms_cxr_tree(tmp_path)
     elsewhere = tmp_path / "annotations"

@@ -224,8 +224,22 @@ def find_annotation(root: Path, published_at: str) -> Path:
     raise AflocError(f"expected {CSV_NAMES[0]} (or {CSV_NAMES[1]})", path=root, hint=f"download from {published_at}")
 
 
+def _mimic_versions(folder: Path) -> list[Path]:
+    """MIMIC-CXR-JPG version folders under `folder`: 2.0.0 (what MS-CXR cites) first, then the newest.
+
+    PhysioNet now serves 2.1.0, whose JPGs sit at the same `files/...` paths; a download of both datasets
+    puts them side by side under `physionet.org/files/`, which itself sits in a folder with `files/`.
+    """
+    found: list[Path] = []
+    for name in ("mimic-cxr-jpg", "MIMIC-CXR-JPG"):
+        if (folder / name).is_dir():
+            versions = sorted((p for p in (folder / name).iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True)
+            found += sorted(versions, key=lambda p: p.name != "2.0.0")  # stable: 2.0.0, then newest first
+    return found
+
+
 def find_mimic_root(annotation_dir: Path, explicit: Path | None, sample: str | None) -> Path:
-    """The MIMIC-CXR-JPG 2.0.0 root the `path` column is relative to."""
+    """The MIMIC-CXR-JPG root the `path` column is relative to (2.0.0, or another version beside it)."""
     if explicit is not None:
         explicit = Path(explicit)
         if not explicit.is_dir():
@@ -236,7 +250,7 @@ def find_mimic_root(annotation_dir: Path, explicit: Path | None, sample: str | N
     candidates: list[Path] = []
     folder = annotation_dir.resolve()
     for _ in range(4):
-        candidates += [folder / "mimic-cxr-jpg" / "2.0.0", folder / "MIMIC-CXR-JPG" / "2.0.0", folder]
+        candidates += [*_mimic_versions(folder), folder]
         folder = folder.parent
     with_files = [c for c in candidates if (c / "files").is_dir()]
     if sample is not None:
