@@ -179,7 +179,7 @@ def run_demo(out: Path, plan: DemoPlan, console: Console, workers: int = 2) -> d
     model = load_checkpoint(checkpoint)
     kinds = json.loads((corpus / "synth.json").read_text())["kinds"]
     prompts = [f"Findings suggesting {k['category_name']}." for k in kinds]
-    manifest = pl.read_csv(corpus / "manifest.csv")
+    manifest = pl.read_csv(corpus / "manifest.csv", glob=False)
     paths = [corpus / p for p in manifest.filter(pl.col("split") == "test")["image_path"].to_list()]
     engine = LocalizationEngine(model, prompts, device=torch.device("cpu"))
     heatmaps = out / "test_heatmaps.h5"

@@ -152,7 +152,7 @@ def rows_of(result: BenchmarkResult, row: str, readout: str, seed: int, holdout:
 
 def _steps_trained(run_dir: Path) -> int:
     """Optimizer steps of an earlier run, from its metrics.csv (one row per step)."""
-    return int(pl.read_csv(run_dir / "metrics.csv")["step"].max())
+    return int(pl.read_csv(run_dir / "metrics.csv", glob=False)["step"].max())
 
 
 def summarize_seeds(table: pl.DataFrame) -> pl.DataFrame:

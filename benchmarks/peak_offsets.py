@@ -30,7 +30,7 @@ GROUND_TRUTH = "MS_CXR_Local_Alignment_v1.1.0.csv"
 
 def offsets(heatmaps: Path, corpus: Path, category: str) -> np.ndarray:
     """(n, 2) peak offsets (x, y) in box widths/heights from the box's left/top edge."""
-    boxes = pl.read_csv(corpus / GROUND_TRUTH).filter(pl.col("category_name") == category)
+    boxes = pl.read_csv(corpus / GROUND_TRUTH, glob=False).filter(pl.col("category_name") == category)
     out = []
     with HeatmapFile.open(heatmaps) as hf:
         rows = {str(Path(p).resolve()): i for i, p in enumerate(hf.paths)}

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--heatmaps", type=Path, required=True)
     ap.add_argument("--checkpoint", type=Path, default=None, help="also print the prompts' text-side cosines")
     args = ap.parse_args()
-    labels = pl.read_csv(args.corpus / "labels.csv")
+    labels = pl.read_csv(args.corpus / "labels.csv", glob=False)
     held_out = json.loads((args.corpus / "synth.json").read_text())["held_out"]["category_name"]
     kinds = [k["category_name"] for k in json.loads((args.corpus / "synth.json").read_text())["kinds"]]
     with HeatmapFile.open(args.heatmaps) as hf:

@@ -61,7 +61,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
+    root = tmp_path_factory.mktemp("corpus") / "cohort[2024]"  # brackets: a path, not a glob pattern
+    root.mkdir()
     manifest = _write_corpus(root)
     out = root / "cache"
     summary = prepare_cache(manifest, out, size=64, workers=0)

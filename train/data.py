@@ -56,9 +56,9 @@ def report_sections(text: str, keep: tuple[str, ...] = ("FINDINGS", "IMPRESSION"
 def _read_table(path: Path) -> pl.DataFrame:
     try:
         if path.suffix == ".parquet":
-            df = pl.read_parquet(path)
+            df = pl.read_parquet(path, glob=False)  # a path is a path: `scan[1]/` is no pattern
         else:
-            df = pl.read_csv(path, infer_schema_length=0)  # every column as text
+            df = pl.read_csv(path, infer_schema_length=0, glob=False)  # every column as text
     except Exception as exc:  # noqa: BLE001
         raise AflocError(f"cannot read table: {exc}", path=path) from exc
     df = df.rename({c: c.strip() for c in df.columns})
@@ -179,7 +179,7 @@ def prepare_cache(
         ).write_parquet(out / "records.parquet")
         meta_path.write_text(json.dumps(meta, indent=2))
     failures_path = out / "failures.csv"
-    failures = pl.read_csv(failures_path).to_dicts() if failures_path.exists() else []
+    failures = pl.read_csv(failures_path, glob=False).to_dicts() if failures_path.exists() else []
     failed = {int(f["index"]) for f in failures}
     todo = [i for i in range(n) if not done[i] and i not in failed]
     loader = DataLoader(_Decode(records, todo, size), batch_size=32, num_workers=workers, collate_fn=list)
@@ -217,7 +217,7 @@ class FrameCache:
         self.meta = json.loads((folder / "meta.json").read_text())
         self.frames = np.load(folder / "frames.npy", mmap_mode="r")
         self.done = np.load(folder / "done.npy", mmap_mode="r")
-        self.records = pl.read_parquet(folder / "records.parquet")
+        self.records = pl.read_parquet(folder / "records.parquet", glob=False)
 
 
 @dataclass
