@@ -61,13 +61,17 @@ def test_iou_dice_hand_computed() -> None:
     m = np.array([[0.9, 0.25, -1.0], [0.45, 0.05, np.nan]])
     t = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
     iou, dice = M.iou_dice(m, t, (0.1, 0.3, 0.5, 0.95))
-    # t=.1: pred {.9,.25,.45}, truth 3, inter 2 -> 2/4, 4/6; t=.3: pred {.9,.45}, inter 1 -> 1/4, 2/5
-    # t=.5: pred {.9}, inter 1 -> 1/3, 2/4; t=.95: nothing predicted -> NaN
-    np.testing.assert_allclose(iou[:3], [2 / 4, 1 / 4, 1 / 3])
-    np.testing.assert_allclose(dice[:3], [4 / 6, 2 / 5, 2 / 4])
+    # the truth pixel under NaN is out of both masks (AFLoc's compute_iou: gtmask[~nan]): truth 2
+    # t=.1: pred {.9,.25,.45}, inter 2 -> 2/3, 4/5; t=.3: pred {.9,.45}, inter 1 -> 1/3, 2/4
+    # t=.5: pred {.9}, inter 1 -> 1/2, 2/3; t=.95: nothing predicted -> NaN
+    np.testing.assert_allclose(iou[:3], [2 / 3, 1 / 3, 1 / 2])
+    np.testing.assert_allclose(dice[:3], [4 / 5, 2 / 4, 2 / 3])
     assert np.isnan(iou[3]) and np.isnan(dice[3])
     iou_empty, dice_empty = M.iou_dice(m, np.zeros_like(t))
     assert np.isnan(iou_empty).all() and np.isnan(dice_empty).all()
+    only_under_nan = np.zeros_like(t)
+    only_under_nan[1, 2] = True  # truth only where the map is NaN: empty truth -> NaN, not 0
+    assert np.isnan(M.iou_dice(m, only_under_nan)[0]).all()
     with pytest.raises(ValueError, match="same frame"):
         M.iou_dice(m, t.T)
 

@@ -80,8 +80,12 @@ def _pair(heatmap: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def iou_dice(
     heatmap: np.ndarray, truth: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """IoU and Dice of `heatmap > t` per threshold (arrays of len(thresholds)); NaN where either side is empty."""
+    """IoU and Dice of `heatmap > t` per threshold (arrays of len(thresholds)); NaN where either side is empty.
+
+    Both masks are taken over the non-NaN pixels only (AFLoc's compute_iou/compute_dice: gtmask[~nan]).
+    """
     m, t = _pair(heatmap, truth)
+    t = t & ~np.isnan(m)
     n_truth = int(np.count_nonzero(t))
     inside = m[t]
     pred = np.array([np.count_nonzero(m > x) for x in thresholds], dtype=np.float64)
