@@ -226,13 +226,26 @@ def test_export_npy_png_chexlocalize(tmp_path, tiny_checkpoint, image_folder):
     assert run(["export", str(out), "--png", str(tmp_path / "png")]) == 0
     (png,) = list((tmp_path / "png").glob("*.png"))
     assert np.array(Image.open(png)).shape == (43, 50)
-    assert run(["export", str(out), "--chexlocalize", str(tmp_path / "cx")]) == 0
+    assert run(["export", str(out), "--chexlocalize", str(tmp_path / "cx")]) == 2  # no cheXlocalize task
+    task_file = tmp_path / "t.h5"
+    assert _localize([str(image_folder / "img03.png"), "--prompt", "Findings suggesting pleural effusion.",
+                      "--out", str(task_file)], tiny_checkpoint) == 0
+    assert run(["export", str(task_file), "--chexlocalize", str(tmp_path / "cx")]) == 0
+    assert run(["export", str(task_file), "--npy", str(tmp_path / "npy2")]) == 0
     import pickle
 
+    import torch.nn.functional as F
+
     (pkl,) = list((tmp_path / "cx").glob("*_map.pkl"))
+    assert pkl.name.endswith("_Pleural Effusion_map.pkl")
     blob = pickle.loads(pkl.read_bytes())
     assert set(blob) == {"map", "prob", "task", "gt", "cxr_img", "cxr_dims"}
-    assert blob["cxr_dims"] == (50, 43) and blob["map"].dim() == 4
+    assert blob["cxr_dims"] == (50, 43) and blob["map"].dim() == 4 and blob["task"] == "Pleural Effusion"
+    # read as cheXlocalize reads it: resized to (h, w) it is afloc's own map at original size
+    w, h = blob["cxr_dims"]
+    resized = F.interpolate(blob["map"], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    (npy2,) = list((tmp_path / "npy2").glob("*.npy"))
+    np.testing.assert_allclose(resized, np.load(npy2), atol=1e-5)
 
 
 def test_overlays(tmp_path, tiny_checkpoint, image_folder):

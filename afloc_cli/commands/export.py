@@ -14,7 +14,11 @@ def export_command(
     heatmaps: Path = typer.Argument(..., help="An HDF5 file written by afloc localize."),
     png: Path | None = typer.Option(None, "--png", help="16-bit grey PNGs of the [-1, 1] maps."),
     npy: Path | None = typer.Option(None, "--npy", help="float32 .npy raw maps, NaN outside the image."),
-    chexlocalize: Path | None = typer.Option(None, "--chexlocalize", help="Pickles for cheXlocalize's evaluator."),
+    chexlocalize: Path | None = typer.Option(
+        None, "--chexlocalize",
+        help="Pickles for cheXlocalize's evaluator: one per image and task, for prompts that name a task "
+             "('Cardiomegaly' or 'Findings suggesting cardiomegaly.'; Lung Opacity is its Airspace Opacity).",
+    ),
     readout: str | None = typer.Option(None, "--readout", help="reference or contrast (default: the readout the "
                                        "file was localized with)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),

@@ -136,19 +136,43 @@ def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int
     return n
 
 
+# cheXlocalize's eval_constants.LOCALIZATION_TASKS: its scripts skip every pickle whose task is not one of these.
+CHEXLOCALIZE_TASKS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Airspace Opacity", "Edema",
+                      "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Support Devices")
+_TASK_NAMES = {t.lower(): t for t in CHEXLOCALIZE_TASKS} | {"lung opacity": "Airspace Opacity"}
+
+
+def chexlocalize_task(prompt: str) -> str | None:
+    """cheXlocalize's task for a prompt: the task's name, or the template "Findings suggesting <task>." (any case)."""
+    text = prompt.strip().rstrip(".").strip().lower()
+    if text.startswith("findings suggesting "):
+        text = text[len("findings suggesting "):].strip()
+    return _TASK_NAMES.get(text)
+
+
 def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | None = None,
                         readout: str | None = None) -> int:
     """cheXlocalize's saliency pickles: `{image_id}_{task}_map.pkl` with map, prob, task, gt, cxr_img, cxr_dims.
 
-    The map is given at the model's grid (1, 1, g, g), smoothed, as cheXlocalize upsamples it to
-    `cxr_dims` itself; `prob` is the image score; `gt` is unknown here (NaN); `tasks` maps prompts to
-    cheXlocalize task names (default: the prompt itself).
+    The map is the smoothed, upsampled map over the image's own part of the model frame (letterbox padding
+    cropped), (1, 1, rh, rw): cheXlocalize resizes it bilinearly (align_corners=False) to `cxr_dims`, which then
+    gives exactly afloc's map at original size. `prob` is the image score; `gt` is unknown here (NaN); `tasks`
+    maps prompts to cheXlocalize task names (default: `chexlocalize_task`); prompts without a task and pairs
+    that were not localized (NaN maps) are not written.
     """
     from afloc_cli.image.data.io import read_image
-    from afloc_cli.vlp.heatmap import gaussian_smooth
 
     readout = resolve_readout(hf, readout)
     sigma, _ = _heatmap_settings(hf)
+    names = {p: (tasks or {}).get(p) or chexlocalize_task(p) for p in hf.prompts}
+    if not any(t in CHEXLOCALIZE_TASKS for t in names.values()):
+        raise AflocError("no prompt names a cheXlocalize task (its scripts read only these: "
+                         f"{', '.join(CHEXLOCALIZE_TASKS)}); prompt with the task's name or "
+                         "'Findings suggesting <task>.'", path=hf.path)
+    named = [t for t in names.values() if t in CHEXLOCALIZE_TASKS]
+    if twice := sorted({t for t in named if named.count(t) > 1}):
+        raise AflocError(f"several prompts name the cheXlocalize task {twice[0]!r}, and it reads one map per image "
+                         "and task: export a file with one prompt per task", path=hf.path)
     folder.mkdir(parents=True, exist_ok=True)
     scores = hf.scores()
     n = 0
@@ -159,11 +183,15 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         path = Path(record.path)
         image_id = "_".join(path.with_suffix("").parts[-3:])
         pixels = torch.from_numpy(read_image(path).pixels)
-        maps = gaussian_smooth(_read_maps(hf.maps(i), readout), sigma)
+        lb = Letterbox(**record.letterbox)
+        frames = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma, 0)
+        maps = frames[:, lb.pad_top : lb.pad_top + lb.resized_height, lb.pad_left : lb.pad_left + lb.resized_width]
         for p, prompt in enumerate(hf.prompts):
-            task = (tasks or {}).get(prompt, prompt)
+            task = names[prompt]
+            if task not in CHEXLOCALIZE_TASKS or not bool(torch.isfinite(maps[p]).all()):
+                continue
             blob = {
-                "map": maps[p].reshape(1, 1, *maps.shape[-2:]).float(),
+                "map": maps[p].reshape(1, 1, *maps.shape[-2:]).float().clone(),  # own storage: not the whole frame
                 "prob": float(scores[i, p]),
                 "task": task,
                 "gt": float("nan"),
