@@ -493,7 +493,7 @@ def test_load_any_imports_a_reference_file(reference_file, tiny_bert_folder):
     assert any("pooler" in note for note in loaded.notes)
 
 
-def test_import_reference_and_inspect_cli(reference_file, tiny_bert_folder, tmp_path, capsys):
+def test_import_reference_and_inspect_cli(reference_file, tiny_bert_folder, tmp_path, capsys, monkeypatch):
     import json
 
     from afloc_cli.checkpoint.io import load_checkpoint
@@ -516,3 +516,9 @@ def test_import_reference_and_inspect_cli(reference_file, tiny_bert_folder, tmp_
             torch.testing.assert_close(ours["image_encoder.local_embedder.weight"], value)
     # A second import refuses to overwrite.
     assert run(["import-reference", str(src), "--text-model", str(tiny_bert_folder), "--out", str(out)]) == 2
+    # Without --text-model and without the named BERT in the local cache: one line that says to pass it.
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    assert run(["import-reference", str(src), "--out", str(tmp_path / "other.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pass --text-model FOLDER" in err and BERT_NAME in err

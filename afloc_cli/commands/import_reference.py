@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from afloc_cli.commands import stderr_console
-from afloc_cli.errors import AflocError
+from afloc_cli.errors import AflocError, TextModelError
 
 
 def import_reference_command(
@@ -32,7 +32,17 @@ def import_reference_command(
     name = text_model or ref.text_model_name()
     if not name:
         raise AflocError("the checkpoint does not name its text model", path=ckpt, hint="pass --text-model")
-    model, report = to_model(ref, resolve_text_model(name))
+    try:
+        folder = resolve_text_model(name)
+    except TextModelError as exc:
+        if text_model is not None:
+            raise
+        raise TextModelError(  # the checkpoint names it (often a hub id or the authors' own path)
+            str(exc).split(" — ")[0],
+            hint=f"pass --text-model FOLDER: a local copy of the BERT it was trained with ({name}); "
+            "config.json and the tokenizer files are read, its weights come from the checkpoint",
+        ) from exc
+    model, report = to_model(ref, folder)
     sha = save_checkpoint(model, out, provenance={"imported_from": str(ckpt), "source_sha256": sha256_file(ckpt),
                                                   "report": report})
     if as_json:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 _ENUMERATION = re.compile(r"[0-9]+\.")
 _WORD = re.compile(r"\w+")
+_UNDERSCORE = re.compile(r"_|[^_]+")
 PERIOD = "."
 
 
@@ -36,7 +37,9 @@ def split_sentences(text: str, *, keep_short_if_empty: bool = False) -> list[lis
         piece = piece.replace("\ufffd\ufffd", " ")
         tokens = _WORD.findall(piece.lower())
         ascii_tokens = [t.encode("ascii", "ignore").decode("ascii") for t in tokens]
-        ascii_tokens = [t for t in ascii_tokens if t]
+        # BERT's pre-tokenizer splits "_" off as punctuation and the reference, grouping only "##"
+        # pieces, keeps each part a word unit ("right_upper" -> right, _, upper; MIMIC's "___" -> 3).
+        ascii_tokens = [part for t in ascii_tokens for part in _UNDERSCORE.findall(t)]
         if len(tokens) <= 1:
             short.extend(ascii_tokens)
             continue
