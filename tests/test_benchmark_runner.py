@@ -225,3 +225,48 @@ def test_peak_offsets_of_oracle_maps_lie_inside_their_boxes(corpus, tmp_path):
                               capture_output=True, text=True, check=True)
         first = done.stdout.splitlines()[0]
         assert first.endswith("raw peak inside the box 1.00"), (category, done.stdout)
+
+
+def test_framings_blank_and_frame_truth_as_described():
+    """reference: the paper's whole frame (padding scored, a 14/224 NaN border, boxes mapped and floored);
+    image: padding NaN, truth filled in original pixels."""
+    from afloc_cli.benchmark.datasets.base import Box, Item
+    from afloc_cli.benchmark.runner import _blank, frame_truth
+
+    lb = Letterbox.for_shape(300, 500, 224)  # wide: padding above and below
+    heat = torch.rand(224, 224)
+    ref = _blank(heat, lb, "reference", 0)
+    assert torch.isnan(ref[:14]).all() and torch.isnan(ref[:, -14:]).all()
+    assert not torch.isnan(ref[14:-14, 14:-14]).any()
+    assert lb.pad_top > 14 and not torch.isnan(ref[14 : lb.pad_top, 14:-14]).any()  # padding is scored
+    img = _blank(heat, lb, "image", 0)
+    assert torch.isnan(img[: lb.pad_top]).all() and torch.isnan(img[lb.pad_top + lb.resized_height :]).all()
+    assert not torch.isnan(img[lb.pad_top : lb.pad_top + lb.resized_height]).any()
+    assert torch.isnan(_blank(heat, lb, "image", 5)[lb.pad_top : lb.pad_top + 30, :5]).all()  # the file's margin
+
+    item = Item("x", "x/0", "x", Path("x.png"), None, "Edema", "edema", True, 300, 500, (Box(100.7, 50.2, 81.9, 40.6),))
+    np.testing.assert_array_equal(frame_truth(item, lb, "reference", "ms-cxr"),
+                                  lb.boxes_to_frame_mask([(100.7, 50.2, 81.9, 40.6)]))
+    np.testing.assert_array_equal(frame_truth(item, lb, "image", "ms-cxr"),
+                                  lb.original_mask_to_frame(item.truth_mask()))
+    dot = np.zeros((300, 500), dtype=bool)
+    dot[150, 250] = True
+    masked = Item("c", "c/0", "c", Path("c.png"), None, "Pneumonia", "p", True, 300, 500, mask=lambda: dot)
+    assert frame_truth(masked, lb, "reference", "covid-rural").any()  # the reference keeps any coverage there
+    assert not frame_truth(masked, lb, "reference", "siim").any()
+    assert not frame_truth(masked, lb, "image", "covid-rural").any()
+
+
+def test_framing_is_recorded_and_checked(corpus, tmp_path):
+    _oracle_file(corpus, tmp_path / "oracle.h5")
+    runs = {f: run_benchmark("synthetic", corpus, tmp_path / f, heatmaps=tmp_path / "oracle.h5", split="test",
+                             n_boot=0, framing=f) for f in ("reference", "image")}
+    for f, result in runs.items():
+        protocol = json.loads((tmp_path / f / "protocol.json").read_text())
+        assert protocol["framing"] == f and protocol["scoring_frame"].startswith("model frame")
+        assert result.summary.filter(pl.col("metric") == "pointing")["value"][0] == 1.0
+    # the same maps, two framings: the padding and the border change the min-max, so the figures differ
+    iou = {f: r.summary.filter(pl.col("metric") == "iou")["value"][0] for f, r in runs.items()}
+    assert iou["reference"] != iou["image"]
+    with pytest.raises(AflocError, match="--framing"):
+        run_benchmark("synthetic", corpus, tmp_path / "x", heatmaps=tmp_path / "oracle.h5", framing="paper")

@@ -100,3 +100,36 @@ def test_original_map_orientation_non_square():
     assert out.shape == (h, w)
     r, c = np.unravel_index(int(torch.argmax(out)), out.shape)
     assert abs(r - 75) <= 32 and abs(c - 450) <= 32
+
+
+def _reference_box_mask(box: tuple[float, float, float, float], h: int, w: int, size: int) -> np.ndarray:
+    """The reference's box_mapping + box2mask, written out: every value times size / long side, the
+    centred padding (floor before) added to the corner, then floored; the box filled from its corner."""
+    pct = size / float(max(h, w))
+    if h >= w:
+        top, left = 0, (size - int(w * pct)) // 2
+    else:
+        top, left = (size - int(h * pct)) // 2, 0
+    x, y, bw, bh = (v * pct for v in box)
+    x0, y0 = int(np.floor(x + left)), int(np.floor(y + top))
+    out = np.zeros((size, size), dtype=bool)
+    out[y0 : y0 + int(np.floor(bh)), x0 : x0 + int(np.floor(bw))] = True
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(40, 3000), st.integers(40, 3000), st.floats(0, 0.95), st.floats(0, 0.95),
+       st.floats(0.01, 1.0), st.floats(0.01, 1.0), st.sampled_from([160, 224]))
+def test_boxes_enter_the_frame_as_the_reference_maps_them(h, w, fx, fy, fw, fh, size):
+    x, y = fx * w, fy * h
+    box = (x, y, fw * (w - x), fh * (h - y))
+    lb = Letterbox.for_shape(h, w, size)
+    np.testing.assert_array_equal(lb.boxes_to_frame_mask([box]), _reference_box_mask(box, h, w, size))
+
+
+def test_any_coverage_keeps_what_half_coverage_drops():
+    lb = Letterbox.for_shape(1000, 800, 224)
+    mask = np.zeros((1000, 800), dtype=bool)
+    mask[500, 400] = True  # one original pixel: about 0.05 of a frame pixel
+    assert not lb.original_mask_to_frame(mask).any()
+    assert lb.original_mask_to_frame(mask, any_coverage=True).sum() >= 1

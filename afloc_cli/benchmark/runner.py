@@ -104,13 +104,40 @@ def select_items(items: list[Item], prompt_source: str, template: str, limit: in
     return ordered
 
 
-def _blank_padding(heat: torch.Tensor, lb: Letterbox) -> torch.Tensor:
-    """NaN over the letterbox padding: no truth can lie there, so it counts in neither the min-max nor a metric."""
-    out = torch.full_like(heat, float("nan"))
-    rows = slice(lb.pad_top, lb.pad_top + lb.resized_height)
-    cols = slice(lb.pad_left, lb.pad_left + lb.resized_width)
-    out[..., rows, cols] = heat[..., rows, cols]
+# How maps and truth meet in the model frame. "reference" is the paper's evaluation (its localization.py run with
+# --margin, as its run.sh does for every chest dataset): the whole frame is scored, letterbox padding included.
+FRAMINGS = {
+    "reference": "the paper's: the whole model frame is scored, letterbox padding included, with a NaN border of "
+                 "14/224 of the frame (the reference's --margin); boxes scaled into the frame by size / long side, "
+                 "padding added, floored (its box_mapping); masks area-resampled, > 0.5 kept (>= 1e-5 for "
+                 "COVID-Rural, whose masks the reference resamples as floats)",
+    "image": "the image only: the letterbox padding is NaN (in neither the min-max nor any metric) and the heat-map "
+             "file's own NaN margin applies (none by default); boxes and masks filled in original pixels, "
+             "area-resampled into the frame, > 0.5 kept",
+}
+REFERENCE_MARGIN = 14  # pixels of a 224 frame: the border outside the reference's 448-of-512 centre crop
+
+
+def _blank(heat: torch.Tensor, lb: Letterbox, framing: str, file_margin: int) -> torch.Tensor:
+    """NaN where the framing scores nothing: the reference's border, or the letterbox padding (no truth can
+    lie there) plus the file's own margin."""
+    out = heat.clone()
+    m = round(REFERENCE_MARGIN * lb.size / 224) if framing == "reference" else file_margin
+    if m > 0:
+        out[..., :m, :] = out[..., -m:, :] = out[..., :, :m] = out[..., :, -m:] = float("nan")
+    if framing == "image":
+        keep = torch.zeros(out.shape[-2:], dtype=torch.bool)
+        keep[lb.pad_top : lb.pad_top + lb.resized_height, lb.pad_left : lb.pad_left + lb.resized_width] = True
+        out[..., ~keep] = float("nan")
     return out
+
+
+def frame_truth(it: Item, lb: Letterbox, framing: str, dataset: str) -> np.ndarray:
+    """The item's truth in the model frame, as `framing` brings it there (FRAMINGS)."""
+    if framing == "reference" and it.mask is None:
+        return lb.boxes_to_frame_mask((b.x, b.y, b.w, b.h) for b in it.boxes)
+    truth = it.truth_mask(lb.height, lb.width)
+    return lb.original_mask_to_frame(truth, any_coverage=framing == "reference" and dataset == "covid-rural")
 
 
 def run_benchmark(
@@ -129,16 +156,20 @@ def run_benchmark(
     options: dict[str, Any] | None = None,
     readout: str = "reference",
     class_prompts: dict[str, list[str]] | None = None,
+    framing: str = "reference",
 ) -> BenchmarkResult:
     """Score `dataset`; `localize(paths, prompts, wanted, h5)` makes the maps when no `heatmaps` file is given.
 
     `readout` "reference" scores each prompt's own map (the paper's); "contrast" scores it against the maps of
     the other categories' template prompts on the same image (`contrast_maps`), so those are always localized.
     `class_prompts` {category: [prompt, ...]} are the positive prompts of the zero-shot score (default: the
-    template alone); their report embeddings are averaged, as the reference does.
+    template alone); their report embeddings are averaged, as the reference does. `framing` is how maps and
+    truth meet in the model frame (FRAMINGS; "reference" is the paper's).
     """
     if readout not in READOUTS:
         raise AflocError(f"--readout must be one of {', '.join(READOUTS)}, not {readout!r}")
+    if framing not in FRAMINGS:
+        raise AflocError(f"--framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
     out.mkdir(parents=True, exist_ok=True)
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
     if problems:
@@ -244,9 +275,8 @@ def run_benchmark(
                 raw = _contrast_raw(hf, i, it, categories, file_prompts, prompt_template, heatmaps)
             else:
                 raw = torch.from_numpy(hf.raw(i, file_prompts[it.prompt]))
-            heat = frame_maps(raw, lb.size, sigma, margin)
-            heat = _blank_padding(heat, lb)
-            truth = lb.original_mask_to_frame(it.truth_mask(lb.height, lb.width))
+            heat = _blank(frame_maps(raw, lb.size, sigma), lb, framing, margin)
+            truth = frame_truth(it, lb, framing, dataset)
             rows.append({**base, **score_item(heat.numpy(), truth, thresholds)})
     per_item = per_item_table(rows)
     if dataset == "chexlocalize" and per_item.height:
@@ -259,7 +289,7 @@ def run_benchmark(
         else:
             notes.append("CheXlocalize: per-task threshold tuning needs both splits (omit --split)")
     per_category, summary = summarize(per_item, n_boot=n_boot)
-    human = _human_benchmark(dataset, root, items, thresholds, n_boot) if dataset == "chexlocalize" else None
+    human = _human_benchmark(dataset, root, items, thresholds, n_boot, framing) if dataset == "chexlocalize" else None
     if human is not None:
         notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "
                      "human_summary.csv")
@@ -286,8 +316,8 @@ def run_benchmark(
         "negative_template": NEGATIVE_TEMPLATE if has_negatives and readout == "reference" else None,
         "prompts": prompts,
         "thresholds": list(thresholds),
-        "scoring_frame": "model frame (letterboxed 224), truth letterboxed with the image; the letterbox padding "
-                         "is NaN (outside the image: in neither the min-max nor any metric)",
+        "framing": framing,
+        "scoring_frame": f"model frame (letterboxed, {FRAMINGS[framing]})",
         "cnr": "signed",
         "bootstrap": {"resamples": n_boot, "seed": 0, "unit": "image-phrase pair", "confidence": 0.95},
         "limit": limit,
@@ -306,7 +336,7 @@ def run_benchmark(
 
 
 def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tuple[float, ...],
-                     n_boot: int) -> pl.DataFrame | None:
+                     n_boot: int, framing: str) -> pl.DataFrame | None:
     """Radiologists' own segmentations scored as if they were maps, as the human row beside the model."""
     from afloc_cli.benchmark.datasets.chexlocalize import read_human_benchmark
     from afloc_cli.benchmark.datasets.rle import decode_coco
@@ -322,8 +352,8 @@ def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tu
         counts, h, w = segmentations[key]
         lb = Letterbox.for_shape(h, w, 224)
         human = lb.apply(decode_coco(counts, h, w).astype(np.float32))
-        truth = lb.original_mask_to_frame(it.truth_mask(h, w))
-        heat = _blank_padding(torch.from_numpy(human), lb).numpy()
+        truth = frame_truth(it, lb, framing, dataset)
+        heat = _blank(torch.from_numpy(human), lb, framing, 0).numpy()
         rows.append({"item_id": it.item_id, "category": it.category, **score_item(heat, truth, thresholds)})
     if not rows:
         return None

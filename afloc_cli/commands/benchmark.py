@@ -39,8 +39,9 @@ def _print(result: BenchmarkResult, dataset: str, console: Console) -> None:
     from afloc_cli.benchmark.runner import PAPER
 
     readout = result.protocol.get("readout", "reference")
+    framing = result.protocol.get("framing", "reference")
     table = Table(title=f"{dataset}: AFLoc protocol (IoU/Dice over thresholds, CNR signed), {readout} readout, "
-                        "95% bootstrap CI")
+                        f"{framing} framing, 95% bootstrap CI")
     for col in ("model", "mIoU", "Dice", "CNR (signed)", "pointing game"):
         table.add_column(col)
     cells = []
@@ -88,6 +89,10 @@ def benchmark_command(
                                               "the zero-shot score's positive prompts per category, their "
                                               "embeddings averaged as the reference does (default: the template "
                                               "alone). `afloc synth` writes one as class_prompts.json."),
+    framing: str = typer.Option("reference", "--framing", help="reference (the paper's: the whole model frame, "
+                                "letterbox padding included, a 14/224 NaN border, boxes mapped as its "
+                                "box_mapping) or image (the image only: padding NaN, truth filled in original "
+                                "pixels)."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np
@@ -124,7 +129,7 @@ def benchmark_command(
     result = run_benchmark(dataset, root, out, heatmaps=heatmaps, localize=localize if heatmaps is None else None,
                            split=split, prompt_template=prompt_template, prompt_source=prompt_source,
                            thresholds=sweep, n_boot=bootstrap, limit=limit, options=options, readout=readout,
-                           class_prompts=ensembles)
+                           class_prompts=ensembles, framing=framing)
     if output_format == "json":
         typer.echo(json.dumps({"summary": result.summary.to_dicts(),
                                "auroc": None if result.auroc is None else result.auroc.to_dicts(),

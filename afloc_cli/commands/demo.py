@@ -26,7 +26,8 @@ def demo_command(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"demo: synthetic test split, AFLoc protocol, {report['grid']}x{report['grid']} deep grid")
+    grid = f"{report['grid']}x{report['grid']}"
+    table = Table(title=f"demo: synthetic test split, AFLoc protocol (image framing), {grid} deep grid")
     for col in ("model", "readout", "mIoU", "Dice", "CNR", "pointing", "AUROC"):
         table.add_column(col)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731

@@ -38,8 +38,9 @@ class Box:
     def pixel_span(self) -> tuple[int, int, int, int]:
         """(row0, row1, col0, col1), half-open, before clipping.
 
-        Filled as the reference fills boxes: start truncated, size truncated
-        (`int(y) : int(y) + int(h)`), so integer boxes cover exactly w x h pixels.
+        Start and size floored (`int(y) : int(y) + int(h)`), so integer boxes cover exactly w x h original
+        pixels. This is the image framing's truth; the reference framing maps boxes into the model frame first
+        (`Letterbox.boxes_to_frame_mask`), as the paper's box_mapping does.
         """
         r0, c0 = math.floor(self.y), math.floor(self.x)
         return r0, r0 + math.floor(self.h), c0, c0 + math.floor(self.w)

@@ -9,6 +9,8 @@ through `Letterbox` so the two directions can never disagree.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -102,10 +104,22 @@ class Letterbox:
         )
         return out.reshape(*lead, self.height, self.width)
 
-    def original_mask_to_frame(self, mask: np.ndarray) -> np.ndarray:
-        """A boolean mask in original pixels -> the frame (area-resampled, > 0.5 kept)."""
+    def original_mask_to_frame(self, mask: np.ndarray, any_coverage: bool = False) -> np.ndarray:
+        """A boolean mask in original pixels -> the frame (area-resampled; > 0.5 kept, or >= 1e-5 with
+        `any_coverage`, the reference's rule for COVID-Rural's float masks)."""
         framed = self.apply(mask.astype(np.float32))
-        return framed > 0.5
+        return framed >= 1e-5 if any_coverage else framed > 0.5
+
+    def boxes_to_frame_mask(self, boxes: Iterable[tuple[float, float, float, float]]) -> np.ndarray:
+        """Boxes (x, y, w, h) in original pixels, filled in the frame the way the reference maps them: every
+        coordinate times size / long side, the padding added, then floored (corner and size alike)."""
+        s = self.size / float(max(self.height, self.width))
+        out = np.zeros((self.size, self.size), dtype=bool)
+        for x, y, w, h in boxes:
+            c0, r0 = math.floor(x * s + self.pad_left), math.floor(y * s + self.pad_top)
+            c1, r1 = c0 + math.floor(w * s), r0 + math.floor(h * s)
+            out[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
+        return out
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:
