@@ -16,6 +16,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from afloc_cli.benchmark.datasets.chexlocalize import CANONICAL as CHEXLOCALIZE_CANONICAL
+from afloc_cli.benchmark.datasets.chexlocalize import TASKS as CHEXLOCALIZE_TASKS
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile
 from afloc_cli.image.data.transforms import Letterbox
@@ -136,10 +138,9 @@ def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int
     return n
 
 
-# cheXlocalize's eval_constants.LOCALIZATION_TASKS: its scripts skip every pickle whose task is not one of these.
-CHEXLOCALIZE_TASKS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Airspace Opacity", "Edema",
-                      "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Support Devices")
-_TASK_NAMES = {t.lower(): t for t in CHEXLOCALIZE_TASKS} | {"lung opacity": "Airspace Opacity"}
+# cheXlocalize's scripts skip every pickle whose task is not one of its ten (the dataset reader's TASKS); our
+# categories say "Lung Opacity" where cheXlocalize says "Airspace Opacity".
+_TASK_NAMES = {t.lower(): t for t in CHEXLOCALIZE_TASKS} | {v.lower(): k for k, v in CHEXLOCALIZE_CANONICAL.items()}
 
 
 def chexlocalize_task(prompt: str) -> str | None:
