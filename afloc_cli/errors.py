@@ -11,6 +11,7 @@ class AflocError(Exception):
     exit_code: int = 2
 
     def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
+        self.message = message
         self.path = str(path) if path is not None else None
         self.hint = hint
         parts = [f"{self.path}: {message}" if self.path else message]

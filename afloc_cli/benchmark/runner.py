@@ -38,7 +38,7 @@ from afloc_cli.checkpoint.io import sha256_file
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.vlp.heatmap import contrast_maps, frame_maps
+from afloc_cli.vlp.heatmap import contrast_maps, frame_maps, nan_border
 
 # IoU / Dice / CNR read off the paper's figure (SPEC.md, "What the paper reports").
 PAPER = {
@@ -116,19 +116,17 @@ FRAMINGS = {
              "area-resampled into the frame, > 0.5 kept",
 }
 REFERENCE_MARGIN = 14  # pixels of a 224 frame: the border outside the reference's 448-of-512 centre crop
+ANY_COVERAGE = {"covid-rural"}  # datasets whose masks the reference resamples as floats, keeping any coverage
 
 
 def _blank(heat: torch.Tensor, lb: Letterbox, framing: str, file_margin: int) -> torch.Tensor:
     """NaN where the framing scores nothing: the reference's border, or the letterbox padding (no truth can
     lie there) plus the file's own margin."""
-    out = heat.clone()
-    m = round(REFERENCE_MARGIN * lb.size / 224) if framing == "reference" else file_margin
-    if m > 0:
-        out[..., :m, :] = out[..., -m:, :] = out[..., :, :m] = out[..., :, -m:] = float("nan")
-    if framing == "image":
-        keep = torch.zeros(out.shape[-2:], dtype=torch.bool)
-        keep[lb.pad_top : lb.pad_top + lb.resized_height, lb.pad_left : lb.pad_left + lb.resized_width] = True
-        out[..., ~keep] = float("nan")
+    if framing == "reference":
+        return nan_border(heat, round(REFERENCE_MARGIN * lb.size / 224))
+    out = torch.full_like(heat, float("nan"))
+    region = (..., *lb.image_region)
+    out[region] = nan_border(heat, file_margin)[region]
     return out
 
 
@@ -137,7 +135,7 @@ def frame_truth(it: Item, lb: Letterbox, framing: str, dataset: str) -> np.ndarr
     if framing == "reference" and it.mask is None:
         return lb.boxes_to_frame_mask((b.x, b.y, b.w, b.h) for b in it.boxes)
     truth = it.truth_mask(lb.height, lb.width)
-    return lb.original_mask_to_frame(truth, any_coverage=framing == "reference" and dataset == "covid-rural")
+    return lb.original_mask_to_frame(truth, any_coverage=framing == "reference" and dataset in ANY_COVERAGE)
 
 
 def run_benchmark(

@@ -38,7 +38,7 @@ def import_reference_command(
         if text_model is not None:
             raise
         raise TextModelError(  # the checkpoint names it (often a hub id or the authors' own path)
-            str(exc).split(" — ")[0],
+            exc.message, path=exc.path,
             hint=f"pass --text-model FOLDER: a local copy of the BERT it was trained with ({name}); "
             "config.json and the tokenizer files are read, its weights come from the checkpoint",
         ) from exc

@@ -66,8 +66,7 @@ def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str | None = N
         if ok:
             lb = Letterbox(**record.letterbox)
             frames = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma, margin)
-            content = frames[:, lb.pad_top : lb.pad_top + lb.resized_height,
-                             lb.pad_left : lb.pad_left + lb.resized_width].numpy()
+            content = frames[(..., *lb.image_region)].numpy()
             norm = minmax_signed(content)
         for p, prompt in enumerate(hf.prompts):
             columns["index"].append(int(hf.indices[i]))
@@ -185,8 +184,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         image_id = "_".join(path.with_suffix("").parts[-3:])
         pixels = torch.from_numpy(read_image(path).pixels)
         lb = Letterbox(**record.letterbox)
-        frames = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma, 0)
-        maps = frames[:, lb.pad_top : lb.pad_top + lb.resized_height, lb.pad_left : lb.pad_left + lb.resized_width]
+        maps = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma)[(..., *lb.image_region)]
         for p, prompt in enumerate(hf.prompts):
             task = names[prompt]
             if task not in CHEXLOCALIZE_TASKS or not bool(torch.isfinite(maps[p]).all()):

@@ -63,14 +63,18 @@ def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
 
 def frame_maps(grid_maps: torch.Tensor, frame_size: int, sigma: float = 1.5, nan_margin: int = 0) -> torch.Tensor:
     """Raw grid maps (..., g, g) -> smoothed maps in the model frame (..., S, S), float32."""
-    maps = upsample(gaussian_smooth(grid_maps.float(), sigma), frame_size)
-    if nan_margin > 0:
-        maps = maps.clone()
-        m = nan_margin
-        maps[..., :m, :] = math.nan
-        maps[..., -m:, :] = math.nan
-        maps[..., :, :m] = math.nan
-        maps[..., :, -m:] = math.nan
+    return nan_border(upsample(gaussian_smooth(grid_maps.float(), sigma), frame_size), nan_margin)
+
+
+def nan_border(maps: torch.Tensor, margin: int) -> torch.Tensor:
+    """A copy of maps (..., S, S) with a `margin`-pixel border set to NaN (the reference's --margin); 0 keeps all."""
+    if margin <= 0:
+        return maps
+    maps = maps.clone()
+    maps[..., :margin, :] = math.nan
+    maps[..., -margin:, :] = math.nan
+    maps[..., :, :margin] = math.nan
+    maps[..., :, -margin:] = math.nan
     return maps
 
 

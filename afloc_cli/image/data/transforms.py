@@ -57,6 +57,12 @@ class Letterbox:
     def scale_x(self) -> float:
         return self.resized_width / self.width
 
+    @property
+    def image_region(self) -> tuple[slice, slice]:
+        """(rows, cols) of the frame that hold the image: everything else is padding."""
+        return (slice(self.pad_top, self.pad_top + self.resized_height),
+                slice(self.pad_left, self.pad_left + self.resized_width))
+
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -80,10 +86,7 @@ class Letterbox:
                 image, (self.resized_width, self.resized_height), interpolation=cv2.INTER_AREA
             )
         out = np.zeros((self.size, self.size), dtype=image.dtype)
-        out[
-            self.pad_top : self.pad_top + self.resized_height,
-            self.pad_left : self.pad_left + self.resized_width,
-        ] = resized
+        out[self.image_region] = resized
         return out
 
     def frame_to_original_map(self, frame_map: torch.Tensor) -> torch.Tensor:
@@ -92,11 +95,7 @@ class Letterbox:
         Bilinear with align_corners=False, the convention of the heatmap protocol, so a
         pixel centre maps to the same continuous coordinate both ways.
         """
-        crop = frame_map[
-            ...,
-            self.pad_top : self.pad_top + self.resized_height,
-            self.pad_left : self.pad_left + self.resized_width,
-        ]
+        crop = frame_map[(..., *self.image_region)]
         lead = crop.shape[:-2]
         flat = crop.reshape(-1, 1, self.resized_height, self.resized_width)
         out = torch.nn.functional.interpolate(
