@@ -151,7 +151,7 @@ def _ms_cxr_tree(tmp_path: Path) -> tuple[Path, Path]:
 def _ms_cxr_rows(split: bool = True) -> str:
     rows = [
         "aaa, Pneumonia , left lower lobe opacity ,files/p10/p10000032/s50414267/aaa.jpg,30,5,10,20,60,40,test",
-        "aaa,Pneumonia,left lower lobe opacity,files/p10/p10000032/s50414267/aaa.jpg,2,30,4,5,60,40,test",
+        "aaa,Pneumonia,Left lower lobe opacity,files/p10/p10000032/s50414267/aaa.jpg,2,30,4,5,60,40,test",
         "aaa,Edema,mild edema,files/p10/p10000032/s50414267/aaa.jpg,0,0,60,40,60,40,test",
         "bbb,Pneumothorax,small apical pneumothorax,files/p10/p10000033/s50414268/bbb.jpg,1,2,3,4,30,50,train",
         "bbb,Pneumothorax,broken row,files/p10/p10000033/s50414268/bbb.jpg,abc,2,3,4,30,50,train",
@@ -171,6 +171,7 @@ def test_ms_cxr_v110_groups_boxes_per_phrase(tmp_path: Path) -> None:
     ids = by_id(items)
     assert sorted(ids) == ["aaa/0", "aaa/1", "bbb/0"]
     first = ids["aaa/0"]
+    # The phrase is one item whatever its case (the reference lowercases label_text); the prompt is the first row's.
     assert first.prompt == "left lower lobe opacity" and first.category == "Pneumonia"
     assert first.boxes == (Box(30, 5, 10, 20), Box(2, 30, 4, 5)) and first.positive and first.split == "test"
     assert first.image_path == mimic / "files/p10/p10000032/s50414267/aaa.jpg"
@@ -222,7 +223,7 @@ def test_ms_cxr_coco_json(tmp_path: Path) -> None:
         "categories": [{"id": 3, "name": "Pneumonia"}],
         "annotations": [
             {"id": 10, "image_id": 1, "category_id": 3, "bbox": [30, 5, 10, 20], "label_text": "opacity"},
-            {"id": 11, "image_id": 1, "category_id": 3, "bbox": [2, 30, 4, 5], "label_text": "opacity"},
+            {"id": 11, "image_id": 1, "category_id": 3, "bbox": [2, 30, 4, 5], "label_text": "Opacity"},
             {"id": 12, "image_id": 9, "category_id": 3, "bbox": [2, 30, 4, 5], "label_text": "orphan"},
         ],
     }

@@ -1,11 +1,13 @@
 """MS-CXR (PhysioNet): phrase-grounding boxes on MIMIC-CXR-JPG images.
 
 One row per box; a phrase with several boxes has several rows, so rows are
-grouped by (dicom_id, label_text) into one item. The prompt is the row's own
-`label_text`. `path` is relative to the MIMIC-CXR-JPG 2.0.0 root, which is
-passed as `mimic_root` or found beside the annotation (`mimic-cxr-jpg/2.0.0/`
-or a `files/` folder, up to three folders up: PhysioNet's own download puts
-both under `physionet.org/files/`).
+grouped by dicom_id and label_text into one item. The phrase is matched
+without regard to case, as the reference's evaluation merges it (it lowercases
+`label_text`); the prompt is the first row's own `label_text`. `path` is
+relative to the MIMIC-CXR-JPG 2.0.0 root, which is passed as `mimic_root` or
+found beside the annotation (`mimic-cxr-jpg/2.0.0/` or a `files/` folder, up
+to three folders up: PhysioNet's own download puts both under
+`physionet.org/files/`).
 """
 
 from __future__ import annotations
@@ -153,20 +155,21 @@ def parse_json_rows(json_path: Path) -> tuple[list[BoxRow], list[Problem], bool]
 def group_rows(
     rows: list[BoxRow], dataset: str, image_root: Path, check_images: bool = True, split: str | None = None
 ) -> tuple[list[Item], list[Problem]]:
-    """One item per (dicom_id, label_text), boxes in file order; inconsistent rows become problems.
+    """One item per dicom_id and case-folded label_text, boxes in file order; inconsistent rows become problems.
 
     Item ids (`<dicom_id>/<k>`, k the phrase's rank on its image in the file) are numbered over the whole file,
     before `split` and missing images drop any, so one phrase has one id in every run's tables.
     """
     groups: dict[tuple[str, str], list[BoxRow]] = {}
     for row in rows:
-        groups.setdefault((row.dicom_id, row.label_text), []).append(row)
+        groups.setdefault((row.dicom_id, row.label_text.casefold()), []).append(row)
     items: list[Item] = []
     problems: list[Problem] = []
     phrase_index: dict[str, int] = {}
     exists: dict[Path, bool] = {}
-    for (dicom_id, label_text), members in groups.items():
+    for (dicom_id, _), members in groups.items():
         first = members[0]
+        label_text = first.label_text
         k = phrase_index.get(dicom_id, 0)
         phrase_index[dicom_id] = k + 1
         if split is not None and first.split != split:
