@@ -322,6 +322,23 @@ def test_chexlocalize_column_major_rle_and_negatives(tmp_path: Path) -> None:
         opacity.truth_mask(3, 4)
 
 
+def test_chexlocalize_first_release_and_pointing_at_the_json_folder(tmp_path: Path) -> None:
+    """The first (val-only) release: gt_segmentations_val.json beside CheXpert-v1.0/valid/ (cheXlocalize's README)."""
+    first = tmp_path / "first"
+    write_image(first / "CheXpert-v1.0/valid/patient64541/study1/view1_frontal.jpg", 4, 3)
+    segs = {"patient64541_study1_view1_frontal": {"Cardiomegaly": {"size": [4, 3], "counts": [0, 12]}}}
+    write_text(first / "gt_segmentations_val.json", json.dumps(segs))
+    items, problems = read_dataset("chexlocalize", first)
+    assert problems == [] and len(items) == 10
+    assert items[0].image_path == first / "CheXpert-v1.0/valid/patient64541/study1/view1_frontal.jpg"
+    # The current release, given its CheXlocalize folder rather than the root: images one level up.
+    current = tmp_path / "current"
+    write_image(current / "CheXpert/val/patient64541/study1/view1_frontal.jpg", 4, 3)
+    write_text(current / "CheXlocalize/gt_segmentations_val.json", json.dumps(segs))
+    items, problems = read_dataset("chexlocalize", current / "CheXlocalize")
+    assert problems == [] and {it.image_path.parent.parent.parent.name for it in items} == {"val"}
+
+
 # ---------------------------------------------------------------- COVID Rural
 
 

@@ -2,7 +2,8 @@
 
 `CheXlocalize/gt_segmentations_{val,test}.json` maps an image id such as
 `patient64541_study1_view1_frontal` to `{task: {"size": [h, w], "counts": RLE}}`;
-the image is `CheXpert/{val,test}/patient64541/study1/view1_frontal.jpg`. Every
+the image is `CheXpert/{val,test}/patient64541/study1/view1_frontal.jpg`
+(`CheXpert-v1.0/valid/...` beside `gt_segmentations_val.json` in the first release). Every
 image yields one item per task: an all-zero mask or a missing key is a negative.
 The JSON's "Airspace Opacity" is CheXpert's "Lung Opacity". Per-task thresholds
 are tuned on val and applied to test (see `metrics.tune_thresholds`).
@@ -42,13 +43,28 @@ def _zeros(height: int, width: int) -> np.ndarray:
     return np.zeros((height, width), dtype=bool)
 
 
+# The CheXpert image folder's names: Stanford AIMI's current release ships `CheXpert/`, the first (val-only)
+# release `CheXpert-v1.0/` beside the JSONs.
+CHEXPERT_NAMES = ("CheXpert", "CheXpert-v1.0")
+
+
 def _layout(root: Path) -> tuple[Path, Path]:
-    """(folder of the JSONs, CheXpert folder): root holds both, or root is the CheXlocalize folder."""
+    """(folder of the JSONs, CheXpert folder): root holds both, or root is the CheXlocalize folder.
+
+    The JSONs lie in `CheXlocalize/` (current release) or in root itself (first release, or the user points at
+    the CheXlocalize folder); the images in a CheXpert folder beside them or one level up.
+    """
     if (root / "CheXlocalize").is_dir():
-        return root / "CheXlocalize", root / "CheXpert"
-    if any(root.glob("gt_segmentations_*.json")):
-        return root, root.parent / "CheXpert"
-    return root / "CheXlocalize", root / "CheXpert"
+        seg_dir = root / "CheXlocalize"
+    elif any(root.glob("gt_segmentations_*.json")):
+        seg_dir = root
+    else:
+        seg_dir = root / "CheXlocalize"
+    for base in (root, seg_dir, root.parent):
+        for name in CHEXPERT_NAMES:
+            if (base / name).is_dir():
+                return seg_dir, base / name
+    return seg_dir, root / "CheXpert"
 
 
 class ChexlocalizeReader:
