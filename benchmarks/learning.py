@@ -14,6 +14,7 @@ figures (mean and spread over the seeds), with the held-out kind apart.
     .venv/bin/python benchmarks/learning.py --out /tmp/learning --reuse-runs --jobs 2   # re-score, no training
     .venv/bin/python benchmarks/learning.py --out /tmp/l14 --epochs 14 --set optim.step_gamma=0.9  # half the steps
     .venv/bin/python benchmarks/learning.py --out /tmp/l4x --train-images 5600 --seeds 5 --jobs 2  # 4x the data
+    .venv/bin/python benchmarks/learning.py --out /tmp/l6 --first-seed 6 --jobs 2   # seeds 6..8
 
 Results are recorded in benchmarks/RESULTS.md ("Learning benchmark").
 """
@@ -260,6 +261,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=1,
+                    help="the seeds are first..first+N-1: fresh seeds test a rule on runs not yet seen")
     ap.add_argument("--quick", action="store_true", help="tiny corpus, two steps per model: checks the chain only")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
@@ -294,8 +297,9 @@ def main() -> None:
     prepare_cache(corpus / "manifest.csv", cache, size=b.plan.image_size, workers=args.workers)
 
     # Longest first (the full model's word loss), so parallel workers finish together.
-    tasks = [Task(seed, name, losses) for name, losses in VARIANTS.items() for seed in range(1, args.seeds + 1)]
-    tasks += [Task(seed, row, None) for seed in range(1, args.seeds + 1) for row in ("untrained", "random maps")]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    tasks = [Task(seed, name, losses) for name, losses in VARIANTS.items() for seed in seeds]
+    tasks += [Task(seed, row, None) for seed in seeds for row in ("untrained", "random maps")]
     context = Context(b, out, corpus, cache, holdout, args.bootstrap, args.workers, args.reuse_runs)
     rows: list[dict] = []
     runs: list[dict] = []

@@ -69,17 +69,17 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "learning"
     cmd = [sys.executable, str(repo / "benchmarks" / "learning.py"), "--out", str(out), "--quick", "--seeds", "1",
-           "--bootstrap", "5", "--workers", "0"]
+           "--first-seed", "2", "--bootstrap", "5", "--workers", "0"]
     _run_script(cmd, repo)
     table = pl.read_csv(out / "per_seed.csv")
     rows = set(table["row"])
     assert rows == {"full (global+sentence+word)", "global+sentence (GLoRIA-like)", "global only (ConVIRT-like)",
                     "full, shallow map (words)", "full, fused map", "global+sentence, fused map", "untrained",
                     "random maps"}
-    assert set(table["readout"]) == {"reference", "contrast"}
+    assert set(table["readout"]) == {"reference", "contrast"} and set(table["seed"]) == {2}
     held_out = json.loads((out / "learning.json").read_text())["corpus"]["held_out_kind"]
     assert table.filter(pl.col("held_out"))["kind"].unique().to_list() == [held_out]
-    model = out / "runs" / "global-sent-word-seed1" / "model.safetensors"
+    model = out / "runs" / "global-sent-word-seed2" / "model.safetensors"
     before = model.stat().st_mtime_ns
     _run_script([*cmd, "--reuse-runs"], repo)
     assert model.stat().st_mtime_ns == before  # not trained again
