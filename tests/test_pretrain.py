@@ -15,7 +15,8 @@ from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
 from train.config import load_config, with_losses
-from train.data import FrameCache, batches_for_rank, prepare_cache, report_sections
+from train.corpus import report_sections
+from train.data import FrameCache, batches_for_rank, prepare_cache
 from train.loop import Trainer, last_checkpoint
 
 SIDES = ["left", "right"]
@@ -66,7 +67,8 @@ def cache(tmp_path_factory) -> Path:
     manifest = _write_corpus(root)
     out = root / "cache"
     summary = prepare_cache(manifest, out, size=64, workers=0)
-    assert summary["failed"] == 1 and summary["done"] == summary["n"] - 1
+    # The broken image fails; the empty report's row is listed as a problem and not decoded.
+    assert summary["failed"] == 1 and summary["problems"] == 1 and summary["done"] == summary["n"] - 2
     return out
 
 
@@ -77,8 +79,11 @@ def _cfg(*extra: str):
 def test_cache_failures_table_and_resume(cache):
     failures = (cache / "failures.csv").read_text()
     assert "broken.png" in failures
+    assert "row 27: empty report" in (cache / "problems.csv").read_text()
     again = prepare_cache(Path(FrameCache(cache).meta["corpus"]), cache, size=64, workers=0)
-    assert again["done"] == again["n"] - 1  # nothing redone, nothing lost
+    assert again["done"] == again["n"] - 2  # nothing lost; the broken image was tried again and failed again
+    assert again["failed"] == 1 and not again["records_updated"]
+    assert "broken.png" in (cache / "failures.csv").read_text()
 
 
 def test_dataset_skips_and_counts(cache):

@@ -1,18 +1,17 @@
-"""Pretraining data: corpus readers, the decoded-once frame cache, and the training dataset.
+"""Pretraining data: the decoded-once frame cache and the training dataset.
 
-Corpora: MIMIC-CXR-JPG with its reports in their native layout, any CSV/Parquet
-manifest (image path + report text + optional split), and the synthetic corpus
-(`afloc synth` writes a manifest). `prepare_cache` decodes every image once with
-the project's one image reader and letterbox, into a memory-mapped uint8 array,
-so training reads frames at memory speed.
+The corpora (MIMIC-CXR-JPG with its reports, any CSV/Parquet manifest, the
+synthetic corpus's manifest) are read by `train/corpus.py`. `prepare_cache`
+decodes every usable row's image once with the project's one image reader and
+letterbox, into a memory-mapped uint8 array, so training reads frames at memory
+speed.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
+import os
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,109 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from afloc_cli.errors import AflocError
 from afloc_cli.image.inference_engine import prepare_image
 from afloc_cli.text.data.sentences import PreparedText, sample_report, split_sentences
-
-
-@dataclass(frozen=True)
-class CorpusRecord:
-    image: str
-    report: str
-    split: str
-
-
-# ---- corpus readers ------------------------------------------------------------------------
-_SECTION = re.compile(r"^\s*([A-Z][A-Z0-9 /&()_-]+):", re.MULTILINE)
-
-
-def report_sections(text: str, keep: tuple[str, ...] = ("FINDINGS", "IMPRESSION")) -> str:
-    """FINDINGS and IMPRESSION of a MIMIC-CXR report (the whole text when neither header exists)."""
-    matches = list(_SECTION.finditer(text))
-    parts: list[str] = []
-    for i, match in enumerate(matches):
-        name = match.group(1).strip()
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        if name in keep:
-            parts.append(text[match.end() : end].strip())
-    if not matches or not any(m.group(1).strip() in keep for m in matches):
-        return ""
-    return " ".join(p for p in parts if p)
-
-
-def _read_table(path: Path) -> pl.DataFrame:
-    try:
-        if path.suffix == ".parquet":
-            df = pl.read_parquet(path, glob=False)  # a path is a path: `scan[1]/` is no pattern
-        else:
-            df = pl.read_csv(path, infer_schema_length=0, glob=False)  # every column as text
-    except Exception as exc:  # noqa: BLE001
-        raise AflocError(f"cannot read table: {exc}", path=path) from exc
-    df = df.rename({c: c.strip() for c in df.columns})
-    return df.with_columns(pl.col(c).str.strip_chars() for c, t in df.schema.items() if t == pl.String)
-
-
-def read_manifest(path: Path) -> list[CorpusRecord]:
-    """CSV/Parquet with an image path column and a report column; paths relative to the manifest."""
-    df = _read_table(path)
-    image_col = next((c for c in ("image_path", "path", "image") if c in df.columns), None)
-    report_col = next((c for c in ("report", "text", "report_text") if c in df.columns), None)
-    if image_col is None or report_col is None:
-        raise AflocError(f"manifest needs an image_path and a report column; has {df.columns}", path=path)
-    split_col = "split" if "split" in df.columns else None
-    records = []
-    for row in df.iter_rows(named=True):
-        image = Path(row[image_col] or "")
-        if not image.is_absolute():
-            image = path.parent / image
-        split = (row[split_col] if split_col else "train") or ""
-        records.append(CorpusRecord(str(image), row[report_col] or "", split))
-    return records
-
-
-def read_mimic(root: Path, reports_root: Path | None = None) -> list[CorpusRecord]:
-    """MIMIC-CXR-JPG 2.0.0 as downloaded: frontal views (PA/AP), FINDINGS + IMPRESSION."""
-    split_file = root / "mimic-cxr-2.0.0-split.csv.gz"
-    meta_file = root / "mimic-cxr-2.0.0-metadata.csv.gz"
-    for f in (split_file, meta_file):
-        if not f.is_file():
-            raise AflocError(f"expected {f.name}", path=root, hint="MIMIC-CXR-JPG 2.0.0 from PhysioNet")
-    splits = _read_table_gz(split_file)
-    meta = _read_table_gz(meta_file).select("dicom_id", "ViewPosition")
-    df = splits.join(meta, on="dicom_id", how="left").filter(pl.col("ViewPosition").is_in(["PA", "AP"]))
-    reports_root = reports_root or root
-    records = []
-    for row in df.iter_rows(named=True):
-        subject, study = row["subject_id"], row["study_id"]
-        folder = f"files/p{subject[:2]}/p{subject}"
-        image = root / folder / f"s{study}" / f"{row['dicom_id']}.jpg"
-        report_file = reports_root / folder / f"s{study}.txt"
-        try:
-            text = report_sections(report_file.read_text(encoding="utf-8", errors="replace"))
-        except FileNotFoundError:
-            text = ""
-        split = {"validate": "val"}.get(row["split"], row["split"])
-        records.append(CorpusRecord(str(image), text, split))
-    return records
-
-
-def _read_table_gz(path: Path) -> pl.DataFrame:
-    with gzip.open(path, "rb") as f:
-        df = pl.read_csv(f.read(), infer_schema_length=0)
-    df = df.rename({c: c.strip() for c in df.columns})
-    return df.with_columns(pl.col(c).str.strip_chars() for c in df.columns)
-
-
-def read_corpus(path: Path) -> list[CorpusRecord]:
-    """Pick the reader from what `path` is: a manifest file, a MIMIC root, or a folder with manifest.csv."""
-    if path.is_file():
-        return read_manifest(path)
-    if (path / "mimic-cxr-2.0.0-split.csv.gz").is_file():
-        return read_mimic(path)
-    for name in ("manifest.csv", "manifest.parquet"):
-        if (path / name).is_file():
-            return read_manifest(path / name)
-    raise AflocError(
-        "not a corpus: expected a manifest CSV/Parquet, a folder with manifest.csv, or a MIMIC-CXR-JPG root",
-        path=path,
-    )
+from train.corpus import CorpusRecord, read_corpus
 
 
 # ---- the frame cache -----------------------------------------------------------------------
@@ -149,39 +46,73 @@ class _Decode(Dataset):
             return index, None, f"{self.records[index].image}: {type(exc).__name__}: {exc}"
 
 
+RECORD_COLUMNS = ("image", "report", "split", "problem")
+
+
+def _write_atomic(df: pl.DataFrame, path: Path) -> None:
+    """A cache table is replaced whole or not at all, so a run killed while writing leaves the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    df.write_parquet(tmp) if path.suffix == ".parquet" else df.write_csv(tmp)
+    os.replace(tmp, path)
+
+
+def _records_frame(records: list[CorpusRecord]) -> pl.DataFrame:
+    return pl.DataFrame({c: [getattr(r, c) for r in records] for c in RECORD_COLUMNS},
+                        schema={c: pl.String for c in RECORD_COLUMNS})
+
+
 def prepare_cache(
     corpus: Path,
     out: Path,
     size: int = 224,
     workers: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
+    reports_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Decode every image of `corpus` once into `out/` (resumable: done items are never redone)."""
-    records = read_corpus(corpus)
+    """Decode every usable row's image of `corpus` once into `out/` (resumable: done items are never redone).
+
+    Each run reads the corpus again: reports and splits edited or added since the cache was made replace the
+    recorded ones (the image list must be the same), and images that failed before are tried again. Rows that
+    cannot train are listed with their reason in `problems.csv`, images that cannot be read in `failures.csv`.
+    """
+    records = read_corpus(corpus, reports_root)
     if not records:
         raise AflocError("corpus is empty", path=corpus)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     n = len(records)
     meta = {"corpus": str(corpus), "n": n, "size": size, "format": "afloc-frame-cache/1"}
+    table = _records_frame(records)
+    records_updated = False
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if {k: old.get(k) for k in ("corpus", "n", "size")} != {k: meta[k] for k in ("corpus", "n", "size")}:
             raise AflocError("cache was made from another corpus or size", path=out, hint="use a new --out folder")
+        before = pl.read_parquet(out / "records.parquet", glob=False)
+        if before["image"].to_list() != table["image"].to_list():
+            raise AflocError("the corpus lists other images than when this cache was made", path=out,
+                             hint="use a new --out folder")
+        records_updated = not before.select("report", "split").equals(table.select("report", "split"))
         frames = np.load(out / "frames.npy", mmap_mode="r+")
         done = np.load(out / "done.npy", mmap_mode="r+")
+        if records_updated or "problem" not in before.columns:
+            _write_atomic(table, out / "records.parquet")
     else:
         frames = np.lib.format.open_memmap(out / "frames.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
         done = np.lib.format.open_memmap(out / "done.npy", mode="w+", dtype=np.uint8, shape=(n,))
-        pl.DataFrame(
-            {"image": [r.image for r in records], "report": [r.report for r in records],
-             "split": [r.split for r in records]}
-        ).write_parquet(out / "records.parquet")
+        _write_atomic(table, out / "records.parquet")
         meta_path.write_text(json.dumps(meta, indent=2))
+    problems = [{"index": i, "image": r.image, "reason": r.problem} for i, r in enumerate(records) if r.problem]
+    problems_path = out / "problems.csv"
+    if problems:
+        _write_atomic(pl.DataFrame(problems, schema={"index": pl.Int64, "image": pl.String, "reason": pl.String}),
+                      problems_path)
+    elif problems_path.exists():
+        problems_path.unlink()
+    # Rows that cannot train are not decoded; images that failed before are tried again (they are few).
+    todo = [i for i in range(n) if not done[i] and not records[i].problem]
+    failures: list[dict[str, Any]] = []
     failures_path = out / "failures.csv"
-    failures = pl.read_csv(failures_path, glob=False).to_dicts() if failures_path.exists() else []
-    failed = {int(f["index"]) for f in failures}
-    todo = [i for i in range(n) if not done[i] and i not in failed]
     loader = DataLoader(_Decode(records, todo, size), batch_size=32, num_workers=workers, collate_fn=list)
     seen = n - len(todo)
     if on_progress:
@@ -197,13 +128,16 @@ def prepare_cache(
             if frame is not None:
                 done[index] = 1
         done.flush()
-        pl.DataFrame(failures, schema={"index": pl.Int64, "image": pl.String, "reason": pl.String}).write_csv(
-            failures_path
-        )
+        if failures:
+            _write_atomic(pl.DataFrame(failures, schema={"index": pl.Int64, "image": pl.String,
+                                                         "reason": pl.String}), failures_path)
         seen += len(batch)
         if on_progress:
             on_progress(seen, n)
-    return {"n": n, "done": int(np.asarray(done).sum()), "failed": len(failures), "out": str(out)}
+    if not failures and failures_path.exists():
+        failures_path.unlink()  # every earlier failure has been read since
+    return {"n": n, "done": int(np.asarray(done).sum()), "failed": len(failures), "problems": len(problems),
+            "records_updated": records_updated, "out": str(out)}
 
 
 # ---- training dataset ------------------------------------------------------------------------
@@ -242,12 +176,12 @@ class PretrainDataset(Dataset):
         for i, (report, item_split) in enumerate(zip(records["report"], records["split"], strict=True)):
             if item_split != split:
                 continue
+            sentences = split_sentences(report or "")
+            if not sentences:  # before the image: `prepare` does not decode the images of such rows
+                empty += 1
+                continue
             if not cache.done[i]:
                 unreadable += 1
-                continue
-            sentences = split_sentences(report or "")
-            if not sentences:
-                empty += 1
                 continue
             self.indices.append(i)
             self.sentences.append(sentences)

@@ -34,8 +34,11 @@ def train(
         trainer = Trainer(cfg, cache, out, dist=dist, device=torch_device, log=console.print)
         if dist.is_main:
             s = trainer.train_set.stats
+            listed = [cache.folder / n for n in ("problems.csv", "failures.csv") if (cache.folder / n).is_file()]
             console.print(f"train pairs: {s.usable} usable, {s.skipped_empty_report} empty reports skipped, "
-                          f"{s.skipped_unreadable} unreadable images skipped; precision {trainer.precision}")
+                          f"{s.skipped_unreadable} unreadable images skipped"
+                          + (f" (rows and reasons: {', '.join(map(str, listed))})" if listed else "")
+                          + f"; precision {trainer.precision}")
         if resume:
             trainer.resume()
         steps_per_epoch = len(trainer.train_set) // cfg.batch_size // max(1, cfg.optim.accumulate)

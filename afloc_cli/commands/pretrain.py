@@ -18,9 +18,17 @@ def prepare_command(
     out: Path = typer.Option(..., "--out", help="Cache folder (resumable: run again to complete it)."),
     size: int = typer.Option(224, "--size", help="Letterbox size (the model's input)."),
     workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
+    reports_root: Path | None = typer.Option(
+        None, "--reports-root",
+        help="MIMIC-CXR: the folder holding the reports' files/ (mimic-cxr-reports.zip unpacked), when it is "
+        "neither the JPG root nor PhysioNet's mimic-cxr/2.0.0 beside it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
-    """Decode every image of a corpus once into a memory-mapped uint8 cache for training."""
+    """Decode every image of a corpus once into a memory-mapped uint8 cache for training.
+
+    Run it again to finish an interrupted cache, to retry images that failed, or to take up reports and splits
+    edited since: rows that cannot train are listed with the reason in OUT/problems.csv."""
     from train.data import prepare_cache
 
     console = stderr_console()
@@ -31,12 +39,17 @@ def prepare_command(
         def on_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        summary = prepare_cache(corpus, out, size=size, workers=decode_workers(workers), on_progress=on_progress)
+        summary = prepare_cache(corpus, out, size=size, workers=decode_workers(workers), on_progress=on_progress,
+                                reports_root=reports_root)
     if as_json:
         typer.echo(json.dumps(summary, sort_keys=True))
     else:
+        if summary["records_updated"]:
+            console.print("reports or splits changed since this cache was made: the cache now holds the new ones")
         console.print(f"cache {out}: {summary['done']}/{summary['n']} images ready, {summary['failed']} unreadable"
-                      + (f" (see {out / 'failures.csv'})" if summary["failed"] else ""))
+                      + (f" (see {out / 'failures.csv'})" if summary["failed"] else "")
+                      + f", {summary['problems']} rows that cannot train"
+                      + (f" (see {out / 'problems.csv'})" if summary["problems"] else ""))
 
 
 def pretrain_command(
