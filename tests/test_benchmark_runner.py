@@ -270,3 +270,122 @@ def test_framing_is_recorded_and_checked(corpus, tmp_path):
     assert iou["reference"] != iou["image"]
     with pytest.raises(AflocError, match="--framing"):
         run_benchmark("synthetic", corpus, tmp_path / "x", heatmaps=tmp_path / "oracle.h5", framing="paper")
+
+
+def _frame_map_file(h5: Path, images: list[Path], prompt: str, frame: np.ndarray) -> None:
+    """One prompt's map for each image, pooled from a 224 frame, recorded as `localize` records it: each image's
+    own (header) size and letterbox."""
+    grid = F.adaptive_avg_pool2d(torch.from_numpy(frame.astype(np.float32))[None, None], 19)[0, 0].numpy()
+    records = []
+    for path in images:
+        h, w = read_image_size(path)
+        records.append(ImageRecord(path=str(path), height=h, width=w,
+                                   letterbox=Letterbox.for_shape(h, w, 224).to_dict(), reader={}))
+    writer = HeatmapWriter(h5, paths=[str(p) for p in images], prompts=[prompt], grid=19,
+                           attrs={"checkpoint_sha256": "oracle"})
+    writer.write_batch(list(range(len(images))), np.broadcast_to(grid, (len(images), 1, 19, 19)).copy(),
+                       np.zeros((len(images), 1), np.float32), records)
+    writer.finalize()
+
+
+def _metrics(result) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in result.summary.to_dicts()}
+
+
+@pytest.mark.parametrize("framing", ["reference", "image"])
+def test_ms_cxr_boxes_follow_a_resized_image(tmp_path, framing):
+    """MS-CXR boxes are in the annotation's pixels (image_width x image_height): on a half-size copy of the
+    MIMIC JPG a perfect map scores exactly as on the full-size file, and the run says it rescaled."""
+    from PIL import Image
+
+    rel = "files/p10/p10000032/s50414267/abc.jpg"
+    full_h, full_w, box = 200, 160, (20, 40, 60, 60)  # x, y, w, h
+    picture = np.zeros((full_h, full_w), np.uint8)
+    picture[40:100, 20:80] = 220
+    frame = Letterbox.for_shape(full_h, full_w, 224).boxes_to_frame_mask([box])
+    results = {}
+    for name, (h, w) in {"full": (full_h, full_w), "half": (full_h // 2, full_w // 2)}.items():
+        root = tmp_path / name
+        image = root / "mimic-cxr-jpg/2.0.0" / rel
+        image.parent.mkdir(parents=True)
+        Image.fromarray(picture).resize((w, h), Image.BILINEAR).save(image, quality=95)
+        (root / "MS_CXR_Local_Alignment_v1.0.0.csv").write_text(
+            "dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height\n"
+            f"abc,Pneumonia,left lower opacity,{rel},{','.join(map(str, box))},{full_w},{full_h}\n")
+        _frame_map_file(root / "maps.h5", [image], "left lower opacity", frame)
+        results[name] = run_benchmark("ms-cxr", root, root / "out", heatmaps=root / "maps.h5", n_boot=0,
+                                      framing=framing)
+    full, half = _metrics(results["full"]), _metrics(results["half"])
+    assert full["pointing"] == 1.0 and half == full
+    assert not any("rescaled" in n for n in results["full"].notes)
+    assert any(n.startswith("truth rescaled for 1 items") for n in results["half"].notes)
+    assert results["half"].problems == 0
+
+
+@pytest.mark.parametrize("framing", ["reference", "image"])
+def test_chexlocalize_mask_on_a_resized_image_and_a_wrong_aspect(tmp_path, framing, capsys):
+    """An RLE at 40x30 on a 20x15 copy (CheXpert-v1.0-small style) scores as on the 40x30 original; on a 20x20
+    image it cannot fit: a problem row naming the item and the reason, the run goes on."""
+    from PIL import Image
+
+    from afloc_cli.benchmark.datasets.rle import encode_coco
+
+    truth = np.zeros((40, 30), bool)
+    truth[8:24, 6:20] = True
+    rle = {"size": [40, 30], "counts": encode_coco(truth)}
+    frame = Letterbox.for_shape(40, 30, 224).original_mask_to_frame(truth)
+    prompt = "Findings suggesting cardiomegaly."
+
+    def tree(name: str, sizes: dict[str, tuple[int, int]]) -> Path:
+        root = tmp_path / name
+        images = []
+        for patient, (h, w) in sizes.items():
+            image = root / f"CheXpert/test/{patient}/study1/view1_frontal.jpg"
+            image.parent.mkdir(parents=True)
+            Image.fromarray(np.full((h, w), 90, np.uint8)).save(image)
+            images.append(image)
+        (root / "CheXlocalize").mkdir()
+        (root / "CheXlocalize/gt_segmentations_test.json").write_text(
+            json.dumps({f"{p}_study1_view1_frontal": {"Cardiomegaly": rle} for p in sizes}))
+        _frame_map_file(root / "maps.h5", images, prompt, frame)
+        return root
+
+    results = {}
+    for name, sizes in {"full": {"patient1": (40, 30)},
+                        "small": {"patient1": (20, 15), "patient2": (20, 20)}}.items():
+        root = tree(name, sizes)
+        results[name] = run_benchmark("chexlocalize", root, root / "out", heatmaps=root / "maps.h5", split="test",
+                                      n_boot=0, framing=framing)
+    full, small = results["full"], results["small"]
+    assert _metrics(full)["pointing"] == 1.0 and _metrics(small) == _metrics(full)
+    assert any(n.startswith("truth rescaled for 1 items") for n in small.notes)
+    assert small.problems == 1 and small.protocol["n_problems"] == 1 and small.protocol["n_items_scored"] == 1
+    problem = pl.read_csv(tmp_path / "small/out/problems.csv").to_dicts()
+    assert len(problem) == 1 and problem[0]["file"].endswith("patient2/study1/view1_frontal.jpg")
+    assert problem[0]["reason"].startswith("patient2_study1_view1_frontal/Cardiomegaly: the annotation is 40x30")
+    assert "20x20" in problem[0]["reason"] and "aspect ratio" in problem[0]["reason"]
+    # Through the CLI: exit 0 and the problem counted, no traceback.
+    root = tmp_path / "small"
+    assert run(["benchmark", "chexlocalize", "--root", str(root), "--heatmaps", str(root / "maps.h5"), "--split",
+                "test", "--out", str(tmp_path / "cli"), "--bootstrap", "0", "--framing", framing,
+                "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["protocol"]["n_problems"] == 1
+    # Nothing left to score: a one-line error pointing at problems.csv, exit 2.
+    bad = tree("bad", {"patient2": (20, 20)})
+    with pytest.raises(AflocError, match="no item of chexlocalize could be scored.*problems.csv lists 1"):
+        run_benchmark("chexlocalize", bad, bad / "out", heatmaps=bad / "maps.h5", n_boot=0, framing=framing)
+
+
+def test_truth_letterbox_scales_only_the_same_aspect():
+    """A resized copy (aspect kept to rounding) takes the annotation's own letterbox; another aspect is refused."""
+    from afloc_cli.benchmark.datasets.base import Box, Item
+    from afloc_cli.benchmark.runner import truth_letterbox
+
+    def item(h: int | None, w: int | None) -> Item:
+        return Item("ms-cxr", "a/0", "a", Path("a.jpg"), None, "Edema", "edema", True, h, w, (Box(1, 2, 3, 4),))
+
+    lb = Letterbox.for_shape(500, 401, 224)
+    assert truth_letterbox(item(500, 401), lb) is lb and truth_letterbox(item(None, None), lb) is lb
+    assert truth_letterbox(item(1000, 800), lb) == Letterbox.for_shape(1000, 800, 224)  # 0.25% apart: a copy
+    with pytest.raises(AflocError, match="1000x780 pixels but the image is 500x401, another aspect ratio"):
+        truth_letterbox(item(1000, 780), lb)  # 2.8% apart

@@ -3,7 +3,9 @@
 The maps come from `afloc localize`'s own pipeline and file (so an interrupted
 benchmark resumes), or from any heat-map file in our schema. Scoring happens in
 the model frame (224 x 224), where the reference scores: the truth (boxes or
-masks in original pixels) is letterboxed exactly as the image was.
+masks in original pixels) is letterboxed exactly as the image was. Truth stated at another
+size than its image (a resized copy) enters by its own size when the aspect agrees; otherwise
+the item is a problem row.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 from afloc_cli import __version__
 from afloc_cli.benchmark.class_prompts import class_cosines, presence_scores, resolve_class_prompts
 from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
-from afloc_cli.benchmark.datasets.base import Item
+from afloc_cli.benchmark.datasets.base import Item, Problem
 from afloc_cli.benchmark.metrics import (
     DEFAULT_THRESHOLDS,
     PROTOCOL,
@@ -117,6 +119,9 @@ FRAMINGS = {
 }
 REFERENCE_MARGIN = 14  # pixels of a 224 frame: the border outside the reference's 448-of-512 centre crop
 ANY_COVERAGE = {"covid-rural"}  # datasets whose masks the reference resamples as floats, keeping any coverage
+# How far (relative) an annotation's aspect may differ from its image's and still be scaled onto it: a resized copy
+# keeps the aspect to within its rounding (CheXpert-v1.0-small: < 0.1%), another picture does not.
+ASPECT_TOLERANCE = 0.01
 
 
 def _blank(heat: torch.Tensor, lb: Letterbox, framing: str, file_margin: int) -> torch.Tensor:
@@ -130,12 +135,33 @@ def _blank(heat: torch.Tensor, lb: Letterbox, framing: str, file_margin: int) ->
     return out
 
 
+def truth_letterbox(it: Item, lb: Letterbox) -> Letterbox:
+    """The letterbox that brings the item's truth into the frame of `lb` (the image as localized).
+
+    `lb` itself when the annotation's size (Item.height/width) is the image's. A resized copy of the image (same
+    aspect within ASPECT_TOLERANCE) gets a letterbox of the annotation's own size: its boxes and masks land where
+    the finding lies in the frame, as the reference maps them by the annotation's size (box_mapping with its
+    width/height, masks letterboxed by their own). Another aspect means the truth belongs to another picture: an
+    AflocError, which the runner turns into a problem row.
+    """
+    if it.height is None or it.width is None or (it.height, it.width) == (lb.height, lb.width):
+        return lb
+    if abs((it.height * lb.width) / (it.width * lb.height) - 1.0) > ASPECT_TOLERANCE:
+        raise AflocError(f"the annotation is {it.height}x{it.width} pixels but the image is {lb.height}x{lb.width}, "
+                         "another aspect ratio: the truth cannot be scaled onto it")
+    return Letterbox.for_shape(it.height, it.width, lb.size)
+
+
 def frame_truth(it: Item, lb: Letterbox, framing: str, dataset: str) -> np.ndarray:
-    """The item's truth in the model frame, as `framing` brings it there (FRAMINGS)."""
+    """The item's truth in the frame of `lb`, as `framing` brings it there (FRAMINGS; sizes: truth_letterbox)."""
+    own = truth_letterbox(it, lb)
     if framing == "reference" and it.mask is None:
-        return lb.boxes_to_frame_mask((b.x, b.y, b.w, b.h) for b in it.boxes)
-    truth = it.truth_mask(lb.height, lb.width)
-    return lb.original_mask_to_frame(truth, any_coverage=framing == "reference" and dataset in ANY_COVERAGE)
+        return own.boxes_to_frame_mask((b.x, b.y, b.w, b.h) for b in it.boxes)
+    try:
+        truth = it.truth_mask(own.height, own.width)
+    except ValueError as e:  # a mask of another size than its annotation states
+        raise AflocError(str(e)) from None
+    return own.original_mask_to_frame(truth, any_coverage=framing == "reference" and dataset in ANY_COVERAGE)
 
 
 def run_benchmark(
@@ -170,8 +196,7 @@ def run_benchmark(
         raise AflocError(f"--framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
     out.mkdir(parents=True, exist_ok=True)
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
-    if problems:
-        pl.DataFrame([p.__dict__ for p in problems]).write_csv(out / "problems.csv")
+    _write_problems(out, problems)
     items = fill_sizes(select_items(items, prompt_source, prompt_template, limit))
     if not items:
         raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
@@ -211,6 +236,8 @@ def run_benchmark(
     rows: list[dict[str, Any]] = []
     score_rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    rescaled = 0  # items whose truth is stated at another size than their image's (a resized copy)
+    unscored: set[str] = set()  # items whose truth cannot be brought onto their image: problem rows
     with HeatmapFile.open(heatmaps) as hf:
         checkpoint_sha = checkpoint_sha or str(hf.attrs.get("checkpoint_sha256", ""))
         hm_cfg = json.loads(str(hf.attrs.get("heatmap_config", "{}")))
@@ -264,18 +291,37 @@ def run_benchmark(
             if record.status != "ok":
                 notes.append(f"{it.image_path}: not scored ({record.error})")
                 continue
+            lb = Letterbox(**record.letterbox)
+            truth = None
+            if it.positive:
+                try:
+                    truth = frame_truth(it, lb, framing, dataset)
+                except AflocError as e:
+                    problems.append(Problem(str(it.image_path), None, f"{it.item_id}: {e}"))
+                    unscored.add(it.item_id)
+                    continue
+                rescaled += truth_letterbox(it, lb) is not lb
             if presence is not None:
                 score_rows.append({**base, "positive": it.positive, "score": float(presence[i, column[it.category]])})
-            if not it.positive:
+            if truth is None:
                 continue
-            lb = Letterbox(**record.letterbox)
             if readout == "contrast":
                 raw = _contrast_raw(hf, i, it, categories, file_prompts, prompt_template, heatmaps)
             else:
                 raw = torch.from_numpy(hf.raw(i, file_prompts[it.prompt]))
             heat = _blank(frame_maps(raw, lb.size, sigma), lb, framing, margin)
-            truth = frame_truth(it, lb, framing, dataset)
             rows.append({**base, **score_item(heat.numpy(), truth, thresholds)})
+    if rescaled:
+        notes.append(f"truth rescaled for {rescaled} items: their annotation states another size than the image "
+                     f"file (a resized copy), same aspect within {ASPECT_TOLERANCE:.0%}; brought into the frame "
+                     "by the annotation's own size, as the reference does")
+    if unscored:
+        notes.append(f"{len(unscored)} items not scored: their truth does not fit their image (problems.csv)")
+    if not rows:  # every positive a problem row or unlocalized: a clear stop, not an empty table's traceback
+        _write_problems(out, problems)
+        raise AflocError(f"no item of {dataset} could be scored", path=root,
+                         hint=(f"{out / 'problems.csv'} lists {len(problems)} rows or items that could not be used"
+                               if problems else "; ".join(notes) or "no item has the finding"))
     per_item = per_item_table(rows)
     if dataset == "chexlocalize" and per_item.height:
         val = per_item.filter(pl.col("split") == "val")
@@ -287,7 +333,11 @@ def run_benchmark(
         else:
             notes.append("CheXlocalize: per-task threshold tuning needs both splits (omit --split)")
     per_category, summary = summarize(per_item, n_boot=n_boot)
-    human = _human_benchmark(dataset, root, items, thresholds, n_boot, framing) if dataset == "chexlocalize" else None
+    human = None
+    if dataset == "chexlocalize":  # the model's own scored items, so the two rows compare like with like
+        kept = [it for it in items if it.item_id not in unscored]
+        human = _human_benchmark(dataset, root, kept, thresholds, n_boot, framing, problems)
+    _write_problems(out, problems)
     if human is not None:
         notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "
                      "human_summary.csv")
@@ -333,9 +383,17 @@ def run_benchmark(
     return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes, human)
 
 
+def _write_problems(out: Path, problems: list[Problem]) -> None:
+    """problems.csv: the rows and items that could not be used, each with its file and reason."""
+    if problems:
+        pl.DataFrame([asdict(p) for p in problems]).write_csv(out / "problems.csv")
+
+
 def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tuple[float, ...],
-                     n_boot: int, framing: str) -> pl.DataFrame | None:
-    """Radiologists' own segmentations scored as if they were maps, as the human row beside the model."""
+                     n_boot: int, framing: str, problems: list[Problem]) -> pl.DataFrame | None:
+    """Radiologists' own segmentations scored as if they were maps, as the human row beside the model.
+
+    A human segmentation whose size cannot be brought onto the truth's becomes a problem row, like the model's."""
     from afloc_cli.benchmark.datasets.chexlocalize import read_human_benchmark
     from afloc_cli.benchmark.datasets.rle import decode_coco
 
@@ -350,7 +408,11 @@ def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tu
         counts, h, w = segmentations[key]
         lb = Letterbox.for_shape(h, w, 224)
         human = lb.apply(decode_coco(counts, h, w).astype(np.float32))
-        truth = frame_truth(it, lb, framing, dataset)
+        try:
+            truth = frame_truth(it, lb, framing, dataset)
+        except AflocError as e:
+            problems.append(Problem("hb_segmentations_test.json", None, f"{it.item_id}: {e}"))
+            continue
         heat = _blank(torch.from_numpy(human), lb, framing, 0).numpy()
         rows.append({"item_id": it.item_id, "category": it.category, **score_item(heat, truth, thresholds)})
     if not rows:

@@ -139,5 +139,5 @@ def benchmark_command(
     else:
         _print(result, dataset, console)
         console.print(f"tables and protocol.json in {out}"
-                      + (f"; {result.problems} annotation rows could not be used (problems.csv)"
+                      + (f"; {result.problems} annotation rows or items could not be used (problems.csv)"
                          if result.problems else ""))
