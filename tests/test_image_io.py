@@ -532,6 +532,51 @@ def test_orientation_is_kept(tmp_path: Path, kind: str) -> None:
     assert r.pixels[25, 3] > r.pixels[24, 3] + 0.2
 
 
+def tiff_bytes(image: np.ndarray, orientation: int, order: str = "<") -> bytes:
+    """An uncompressed one-strip TIFF (grey or RGB, 8 or 16 bits) with an Orientation tag, written by hand so
+    that nothing re-orients it on the way to disk."""
+    rows, cols = image.shape[:2]
+    samples = 1 if image.ndim == 2 else image.shape[2]
+    bits = 8 * image.dtype.itemsize
+    pixels = image.astype(image.dtype.newbyteorder(order)).tobytes()
+    entries = 10
+    bits_at = 8 + 2 + 12 * entries + 4  # BitsPerSample values after the IFD when there are several
+    strip_at = bits_at + (2 * samples if samples > 1 else 0)
+    bits_value = struct.pack(order + "HH", bits, 0) if samples == 1 else struct.pack(order + "I", bits_at)
+    tags = [
+        (256, 4, 1, struct.pack(order + "I", cols)),
+        (257, 4, 1, struct.pack(order + "I", rows)),
+        (258, 3, samples, bits_value),
+        (259, 3, 1, struct.pack(order + "HH", 1, 0)),  # no compression
+        (262, 3, 1, struct.pack(order + "HH", 1 if samples == 1 else 2, 0)),  # BlackIsZero or RGB
+        (273, 4, 1, struct.pack(order + "I", strip_at)),
+        (274, 3, 1, struct.pack(order + "HH", orientation, 0)),
+        (277, 3, 1, struct.pack(order + "HH", samples, 0)),
+        (278, 4, 1, struct.pack(order + "I", rows)),
+        (279, 4, 1, struct.pack(order + "I", len(pixels))),
+    ]
+    head = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8)
+    ifd = struct.pack(order + "H", entries) + b"".join(struct.pack(order + "HHI", t, k, n) + v for t, k, n, v in tags)
+    extra = b"" if samples == 1 else struct.pack(order + "H" * samples, *[bits] * samples)
+    return head + ifd + struct.pack(order + "I", 0) + extra + pixels
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("kind", ["grey8", "grey16-big-endian", "rgb16"])  # rgb16: OpenCV's decoder
+def test_tiff_orientation_tag_is_noted_not_applied(tmp_path: Path, kind: str, orientation: int) -> None:
+    """Pillow and OpenCV turn a TIFF by its Orientation tag; the reader keeps the stored order, as for JPEG."""
+    image = _spot_image(8 if kind == "grey8" else 16)
+    if kind == "rgb16":
+        image = np.dstack([image, image, image])
+    path = tmp_path / "o.tif"
+    path.write_bytes(tiff_bytes(image, orientation, ">" if kind.endswith("big-endian") else "<"))
+    r = checked(path)
+    assert r.pixels.shape == (30, 50) and read_image_size(path) == (30, 50)
+    assert np.unravel_index(int(np.argmax(r.pixels)), r.pixels.shape) == SPOT
+    assert r.pixels[25, 3] > r.pixels[24, 3] + 0.2
+    assert f"TIFF orientation {orientation} not applied (stored row/column order kept)" in r.info.notes
+
+
 # --------------------------------------------------------------------------- detection
 
 
@@ -609,6 +654,10 @@ def _dicom(name: str, **options: object) -> Callable[[Path], Path]:
     return lambda d: write_dicom(d / name, noise12(), bits_stored=12, **options)
 
 
+# A JPEG's markers up to its frame header: JFIF APP0, then SOF1 (extended, 12-bit samples), 30x50, one component.
+JPEG_12_BIT = (b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+               + b"\xff\xc1" + struct.pack(">HBHHB", 11, 12, 30, 50, 1) + b"\x01\x11\x00" + b"\xff\xd9")
+
 BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty": (_bytes("e.png", b""), "empty file"),
     "random": (_bytes("r.png", np.random.default_rng(3).bytes(4000)), "not an image"),
@@ -621,6 +670,8 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "dicom-unsupported-syntax": (_unsupported_syntax, "unsupported transfer syntax 1.2.840.10008.1.2.4.100"),
     "png-truncated": (_cut(_bytes("t.png", png_bytes(noise12(), 0)), 0.5), "truncated PNG"),
     "jpeg-truncated": (_cut(_with_cv2("t.jpg", smooth(top=255)), 0.5), "truncated"),
+    "jpeg-12-bit": (_bytes("j.jpg", JPEG_12_BIT), "12-bit JPEG (SOF1): Pillow and OpenCV here decode 8-bit JPEG "
+                                                "only; convert it to a 16-bit PNG"),
     "missing": (lambda d: d / "nope.png", "no such file"),
     "directory": (lambda d: d, "is a directory"),
 }
@@ -645,12 +696,25 @@ def test_unsupported_syntax_names_the_missing_decoder(tmp_path: Path) -> None:
     assert read_image_size(path) == (30, 50)  # the header alone is enough for the size
 
 
-@pytest.mark.parametrize("case", ["empty", "random", "text", "missing", "directory"])
+@pytest.mark.parametrize("case", ["empty", "random", "text", "missing", "directory", "jpeg-12-bit"])
 def test_size_failures_raise_image_read_error(tmp_path: Path, case: str) -> None:
     path = BAD_FILES[case][0](tmp_path)
     with pytest.raises(ImageReadError) as err:
         read_image_size(path)
     assert err.value.path == str(path)
+    if case == "jpeg-12-bit":
+        assert "12-bit JPEG (SOF1)" in str(err.value)
+
+
+def test_real_12_bit_jpeg_says_why(tmp_path: Path) -> None:
+    """pydicom's JPEG-lossy.dcm holds a 12-bit JPEG (Extended, SOF1): taken out of the DICOM, it is named so."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    ds = dcmread(get_testdata_file("JPEG-lossy.dcm"))
+    path = tmp_path / "lossy12.jpg"
+    path.write_bytes(b"".join(next(generate_fragmented_frames(ds.PixelData))))
+    with pytest.raises(ImageReadError, match="12-bit JPEG \\(SOF1\\).*convert it to a 16-bit PNG"):
+        read_image(path)
 
 
 def test_nan_in_a_float_tiff_is_an_error(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ cannot decode a TIFF: those go to OpenCV. Pillow is the default because it repor
 truncated files as errors instead of filling them with grey.
 
 Pixels are never transposed or re-oriented (EXIF orientation is noted, not applied):
-annotations and heatmaps are in the stored row/column order.
+annotations and heatmaps are in the stored row/column order. Pillow and OpenCV would
+turn a TIFF by its Orientation tag, so the tag is reset to 1 in a copy of the bytes
+before either decodes it (`read_image_size` takes the TIFF's stored width and length).
 """
 
 from __future__ import annotations
@@ -154,11 +156,13 @@ def read_image_size(path: PathType) -> tuple[int, int]:
         try:
             with Image.open(p) as im:
                 width, height = im.size
+                if im.format == "TIFF":  # Pillow reports the size as the Orientation tag turns it; stored here
+                    width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
             return int(height), int(width)
         except UnidentifiedImageError:
             if _looks_like_bare_dicom(head):
                 return _dicom_size(p, magic=False)
-            raise _Unreadable("not an image (format not recognised)") from None
+            raise _unrecognised(_read_bytes(p, 1 << 20)) from None
     except _Unreadable as exc:
         raise ImageReadError(str(exc), path=path) from exc
     except Exception as exc:
@@ -558,6 +562,66 @@ def _png_header(data: bytes) -> tuple[int | None, int | None, tuple[int, ...] | 
     return bit_depth, colour_type, sbit
 
 
+def _jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(sample precision, n of SOFn) from a JPEG's frame header, found by walking the segments before it."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 < len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            return data[pos + 4], marker - 0xC0
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
+def _unrecognised(data: bytes) -> _Unreadable:
+    """Why Pillow could not identify the file: a JPEG of another precision than 8 bits, or not an image."""
+    frame = _jpeg_frame(data)
+    if frame is not None and frame[0] != 8:
+        return _Unreadable(f"{frame[0]}-bit JPEG (SOF{frame[1]}): Pillow and OpenCV here decode 8-bit JPEG "
+                           "only; convert it to a 16-bit PNG")
+    return _Unreadable("not an image (format not recognised)")
+
+
+def _tiff_stored_order(data: bytes) -> tuple[bytes, int | None]:
+    """The TIFF with its first IFD's Orientation set to 1, and the orientation it had (None: no tag; the bytes
+    as they are for other formats).
+
+    Pillow and OpenCV both turn a TIFF by this tag on load, whatever flags they get; with the tag at 1 they
+    decode the stored row/column order, which is the order of JPEG and PNG here and of the annotations.
+    """
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        offset_format, count_format, entry_size, value_at = "I", "H", 12, 8
+    elif data[:4] in (b"II+\x00", b"MM\x00+"):  # BigTIFF
+        offset_format, count_format, entry_size, value_at = "Q", "Q", 20, 12
+    else:
+        return data, None
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        start = 8 if offset_format == "Q" else 4
+        (ifd,) = struct.unpack_from(order + offset_format, data, start)
+        (count,) = struct.unpack_from(order + count_format, data, ifd)
+        first = ifd + struct.calcsize(count_format)
+        for k in range(count):
+            entry = first + k * entry_size
+            tag, kind = struct.unpack_from(order + "HH", data, entry)
+            if tag == 0x0112 and kind in (3, 4):  # Orientation, SHORT (or LONG): left-justified in the entry
+                value = order + ("H" if kind == 3 else "I")
+                (orientation,) = struct.unpack_from(value, data, entry + value_at)
+                if orientation == 1:
+                    return data, 1
+                patched = bytearray(data)
+                struct.pack_into(value, patched, entry + value_at, 1)
+                return bytes(patched), orientation
+    except struct.error:  # a damaged header: the decoders will say so
+        pass
+    return data, None
+
+
 def _needs_opencv(im: Image.Image, fmt: str, data: bytes) -> bool:
     """Cases where Pillow would reduce >8-bit colour samples to 8 bits."""
     if fmt == "png":
@@ -595,12 +659,13 @@ def _pillow_array(im: Image.Image, notes: list[str]) -> np.ndarray:
 
 
 def _read_other(data: bytes) -> Radiograph:
+    data, tiff_orientation = _tiff_stored_order(data)
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if _looks_like_bare_dicom(data):
             return _read_dicom(data, magic=False)
-        raise _Unreadable("not an image (format not recognised)") from None
+        raise _unrecognised(data) from None
     except Exception as exc:
         if "truncat" in str(exc).lower():
             raise _Unreadable(f"truncated image file ({_one_line(exc)})") from exc
@@ -611,12 +676,16 @@ def _read_other(data: bytes) -> Radiograph:
         frames = int(getattr(im, "n_frames", 1) or 1)
         if frames > 1:
             notes.append(f"multi-frame: first of {frames} frames used")
-        try:
-            orientation = im.getexif().get(0x0112)
-        except Exception:
-            orientation = None
+        if tiff_orientation is not None:
+            orientation = tiff_orientation
+        else:
+            try:
+                orientation = im.getexif().get(0x0112)
+            except Exception:
+                orientation = None
         if orientation not in (None, 1):
-            notes.append(f"EXIF orientation {orientation} not applied (stored row/column order kept)")
+            tag = "TIFF" if tiff_orientation is not None else "EXIF"
+            notes.append(f"{tag} orientation {orientation} not applied (stored row/column order kept)")
 
         bgr = False
         if _needs_opencv(im, fmt, data):
