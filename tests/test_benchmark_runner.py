@@ -389,3 +389,22 @@ def test_truth_letterbox_scales_only_the_same_aspect():
     assert truth_letterbox(item(1000, 800), lb) == Letterbox.for_shape(1000, 800, 224)  # 0.25% apart: a copy
     with pytest.raises(AflocError, match="1000x780 pixels but the image is 500x401, another aspect ratio"):
         truth_letterbox(item(1000, 780), lb)  # 2.8% apart
+
+
+def test_reader_problems_are_listed_and_the_run_goes_on(corpus, tmp_path):
+    """A broken annotation row is a problems.csv line, not a crash of the whole run (Problem has no __dict__)."""
+    import shutil
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    phrases = copy / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    first = phrases.read_text().splitlines()[1].split(",")
+    first[4] = "abc"  # x
+    with phrases.open("a") as f:
+        f.write(",".join(first) + "\n")
+    _oracle_file(copy, tmp_path / "oracle.h5")
+    result = run_benchmark("synthetic", copy, tmp_path / "out", heatmaps=tmp_path / "oracle.h5", split="test",
+                           n_boot=0)
+    assert result.problems == 1
+    listed = pl.read_csv(tmp_path / "out" / "problems.csv")
+    assert listed["row"].to_list() == [len(phrases.read_text().splitlines())] and "number" in listed["reason"][0]
