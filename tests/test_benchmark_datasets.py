@@ -248,12 +248,13 @@ def test_rsna_kaggle_labels(tmp_path: Path) -> None:
     items, problems = read_dataset("rsna", tmp_path)
     ids = by_id(items)
     assert set(ids) == {"p1", "p2"}
-    assert ids["p1"].positive and not ids["p2"].positive and ids["p1"].height is None
+    assert ids["p1"].positive and not ids["p2"].positive
     assert ids["p1"].prompt == "Findings suggesting pneumonia." and ids["p1"].split is None
+    # The boxes are in RSNA's 1024x1024 pixels whatever the file's size: the item says so, fill_sizes keeps it.
     sized = by_id(fill_sizes(items))
-    assert (sized["p1"].height, sized["p1"].width) == (32, 48)
+    assert (sized["p1"].height, sized["p1"].width) == (1024, 1024)
     truth = sized["p1"].truth_mask()
-    assert truth.shape == (32, 48) and truth[2:12, 40:46].all() and truth[20:24, 1:4].all() and truth.sum() == 72
+    assert truth.shape == (1024, 1024) and truth[2:12, 40:46].all() and truth[20:24, 1:4].all() and truth.sum() == 72
     assert not sized["p2"].truth_mask().any()
     assert [p.row for p in problems] == [5, 6]
     with pytest.raises(AflocError, match="no split"):
@@ -405,8 +406,8 @@ def test_nih_bbox_positional_columns_and_split_image_folders(tmp_path: Path) -> 
     inf = fill_sizes([ids["00000001_000/Infiltration"]])[0]
     assert inf.prompt == "Findings suggesting infiltration."
     truth = inf.truth_mask()
-    assert truth.shape == (40, 50)
-    assert truth[20:23, 10:15].all() and truth[0:5, 40:50].all() and truth.sum() == 15 + 50
+    assert truth.shape == (1024, 1024)  # the published size, which the boxes are in
+    assert truth[20:23, 10:15].all() and truth[0:5, 40:60].all() and truth.sum() == 15 + 100
     assert [p.row for p in problems] == [5, 6]
 
 

@@ -408,3 +408,23 @@ def test_reader_problems_are_listed_and_the_run_goes_on(corpus, tmp_path):
     assert result.problems == 1
     listed = pl.read_csv(tmp_path / "out" / "problems.csv")
     assert listed["row"].to_list() == [len(phrases.read_text().splitlines())] and "number" in listed["reason"][0]
+
+
+def test_nih_boxes_are_in_the_published_1024_pixels(tmp_path):
+    """A downsampled ChestX-ray14 copy (256x256) scores a perfect map as the 1024x1024 original does."""
+    from PIL import Image
+
+    box = (300, 400, 200, 160)
+    frame = Letterbox.for_shape(1024, 1024, 224).boxes_to_frame_mask([box])
+    results = {}
+    for side in (1024, 256):
+        root = tmp_path / str(side)
+        image = root / "images_001/images/00000001_000.png"
+        image.parent.mkdir(parents=True)
+        Image.fromarray(np.full((side, side), 90, np.uint8)).save(image)
+        (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                                 f"00000001_000.png,Mass,{','.join(map(str, box))},,,\n")
+        _frame_map_file(root / "maps.h5", [image], "Findings suggesting mass.", frame)
+        results[side] = run_benchmark("nih-bbox", root, root / "out", heatmaps=root / "maps.h5", n_boot=0)
+    assert _metrics(results[256]) == _metrics(results[1024]) and _metrics(results[1024])["pointing"] == 1.0
+    assert any(n.startswith("truth rescaled for 1 items") for n in results[256].notes)

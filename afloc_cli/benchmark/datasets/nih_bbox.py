@@ -4,7 +4,9 @@ The header reads `Image Index,Finding Label,Bbox [x,y,w,h],,,`: the bracketed
 name is itself split by its commas, and three empty columns trail, so the file
 is read by position (image, label, x, y, w, h). Coordinates are floats.
 "Infiltrate" is ChestX-ray14's "Infiltration". The download spreads images over
-`images_001/images/` ... `images_012/images/`; `images/` is searched too.
+`images_001/images/` ... `images_012/images/`; `images/` is searched too. The
+boxes are in the published 1024x1024 pixels whatever the files' size, so a
+downsampled copy is scored by scaling them (the runner's `truth_letterbox`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from afloc_cli.errors import AflocError
 
 LABELS = "BBox_List_2017.csv"
 CANONICAL = {"Infiltrate": "Infiltration"}
+SIZE = 1024  # every ChestX-ray14 PNG as published; the boxes are in its pixels
 
 
 def index_images(root: Path) -> dict[str, Path]:
@@ -105,6 +108,8 @@ class NihBboxReader:
                     category=category,
                     prompt=fill_prompt(prompt_template, category),
                     positive=True,
+                    height=SIZE,
+                    width=SIZE,
                     boxes=tuple(boxes),
                 )
             )

@@ -33,6 +33,9 @@ from afloc_cli.errors import AflocError
 LABELS = "stage_2_train_labels.csv"
 IMAGES = "stage_2_train_images"
 KAGGLE_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
+# Every RSNA radiograph is 1024x1024 and both box lists are in its pixels, so a downsampled copy (MedKLIP's PNGs
+# may be one) is scored by scaling the boxes, as the reference's box_mapping(box, 1024, 1024, 224) does.
+SIZE = 1024
 MEDKLIP_COLUMNS = ("ID", "img_path", "boxes", "classes")
 CATEGORY = "Pneumonia"
 
@@ -199,6 +202,8 @@ class RsnaReader:
             category=CATEGORY,
             prompt=prompt,
             positive=bool(boxes),
+            height=SIZE,
+            width=SIZE,
             boxes=boxes,
         )
 
