@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import polars as pl
@@ -53,6 +54,7 @@ def _edits(a: str, b: str) -> int:
     return prev[-1]
 
 
+@lru_cache(maxsize=8192)  # MIMIC's 227k reports share a few thousand header spellings
 def section_kind(header: str) -> str | None:
     """"findings", "impression" or None (another section) for a MIMIC-CXR header, misspellings included."""
     name = " ".join(header.lower().replace("/", " / ").replace(",", " , ").split())
