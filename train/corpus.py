@@ -197,7 +197,7 @@ def read_mimic(root: Path, reports_root: Path | None = None) -> list[CorpusRecor
     for row in rows:
         image = root / folder(row) / f"s{row['study_id']}" / f"{row['dicom_id']}.jpg"
         report_file = reports / folder(row) / f"s{row['study_id']}.txt"
-        split = SPLIT_NAMES.get(row["split"].lower(), "")
+        split = SPLIT_NAMES.get((row["split"] or "").lower(), "")
         try:
             raw = report_file.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
