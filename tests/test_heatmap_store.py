@@ -499,3 +499,23 @@ def test_prompt_embeddings_round_trip_resume_and_merge(tmp_path: Path) -> None:
     w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("q3.png")])
     with HeatmapFile.open(merge([shards[0], w.finalize()], tmp_path / "mixed.h5", allow_gaps=True)) as hf:
         assert hf.prompt_embeddings() is None
+
+
+def test_path_that_is_not_utf8_is_stored_exactly(tmp_path: Path) -> None:
+    """Linux gives a Latin-1 file name as surrogate escapes; finalize used to crash on it after the whole run."""
+    name = os.fsdecode(b"M\xfcller.png")  # 'M\udcfcller.png'
+    w = small_writer(tmp_path / "x.h5", paths=["p0.png", name])
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    w.write_failure(1, ImageRecord(path=name, height=0, width=0, letterbox={}, reader={"notes": [name]},
+                                   error=f"{name}: not an image"))
+    out = w.finalize()
+    with HeatmapFile.open(out) as hf:
+        assert hf.paths == ["p0.png", name] and hf.find(name) == 1
+        rec = hf.record(1)
+        assert rec.path == name and rec.error == f"{name}: not an image" and rec.reader == {"notes": [name]}
+    with h5py.File(out, "r") as f:
+        assert f["path"][1] == b"M\xfcller.png"  # the file system's own bytes
+    merged = merge([out], tmp_path / "m.h5")
+    assert equal_contents(out, merged)
+    with HeatmapFile.open(merged) as hf:
+        assert hf.paths[1] == name

@@ -110,3 +110,15 @@ def test_benchmark_contrast_without_template_maps(corpus, tmp_path):
     with pytest.raises(AflocError, match="template"):
         run_benchmark("synthetic", corpus, tmp_path / "c", heatmaps=tmp_path / "phrases.h5", split="test",
                       n_boot=0, readout="contrast")
+
+
+def test_score_table_shows_a_path_that_is_not_utf8(tmp_path):
+    """A table column must be UTF-8: such a path is shown with \\x escapes instead of crashing polars."""
+    import os
+
+    name = os.fsdecode(b"scans/M\xfcller.png")
+    w = HeatmapWriter(tmp_path / "x.h5", paths=[name], prompts=["a"], grid=3, attrs={"checkpoint_sha256": "0"})
+    w.write_failure(0, ImageRecord(path=name, height=0, width=0, letterbox={}, reader={}, error="unreadable"))
+    with HeatmapFile.open(w.finalize()) as hf:
+        table = score_table(hf)
+    assert table["path"].to_list() == ["scans/M\\xfcller.png"] and table["status"].to_list() == ["failed"]

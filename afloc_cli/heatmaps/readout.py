@@ -19,7 +19,7 @@ import torch
 from afloc_cli.benchmark.datasets.chexlocalize import CANONICAL as CHEXLOCALIZE_CANONICAL
 from afloc_cli.benchmark.datasets.chexlocalize import TASKS as CHEXLOCALIZE_TASKS
 from afloc_cli.errors import AflocError
-from afloc_cli.heatmaps.store import HeatmapFile
+from afloc_cli.heatmaps.store import HeatmapFile, printable
 from afloc_cli.image.data.transforms import Letterbox
 from afloc_cli.vlp.heatmap import contrast_maps, frame_maps, minmax_signed, original_map
 from afloc_cli.vlp.overlay import write_png
@@ -70,8 +70,8 @@ def score_table(hf: HeatmapFile, threshold: float = 0.5, readout: str | None = N
             norm = minmax_signed(content)
         for p, prompt in enumerate(hf.prompts):
             columns["index"].append(int(hf.indices[i]))
-            columns["path"].append(record.path)
-            columns["prompt"].append(prompt)
+            columns["path"].append(printable(record.path))  # a table column is UTF-8; /index is the exact key
+            columns["prompt"].append(printable(prompt))
             columns["status"].append(record.status)
             if not ok:
                 for key in ("score", "peak_row", "peak_col", "area_fraction", "area_px"):

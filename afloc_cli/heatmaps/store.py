@@ -58,6 +58,32 @@ _EMBEDDINGS_NAME = "prompt_embeddings.npy"  # in the journal; /prompt_embeddings
 _GZIP_LEVEL = 4
 
 
+def encode_text(value: str) -> bytes:
+    """The bytes a string is stored as: UTF-8, except that a file name that is not UTF-8 keeps its own bytes.
+
+    Python gives such names (say Latin-1 `M\\xfcller.png` on Linux) as surrogate escapes, which strict UTF-8
+    cannot encode; storing their bytes keeps the path exact, and `decode_text` gives the same `str` back.
+    """
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file system produces: keep a readable form, not a crash
+        return value.encode("utf-8", "backslashreplace")
+
+
+def decode_text(column: h5py.Dataset, rows: slice = slice(None)) -> list[str]:
+    """A string column read back as `encode_text` stored it (surrogate escapes where it was not UTF-8)."""
+    return list(column.asstr(errors="surrogateescape")[rows])
+
+
+def printable(value: str) -> str:
+    """A stored string as valid UTF-8 text for tables: bytes that are not UTF-8 shown as `\\xNN`."""
+    return encode_text(value).decode("utf-8", "backslashreplace")
+
+
+def _text_array(values: Sequence[str]) -> np.ndarray:
+    return np.array([encode_text(v) for v in values], dtype=object)
+
+
 def utc_now() -> str:
     """ISO-8601 UTC time to the second: the default `created` attribute."""
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -229,7 +255,7 @@ def _write_h5(target: Path, header: _Header, n_images: int, created: str, rows: 
     with h5py.File(target, "w") as f:
         for key, value in _root_attrs(header, n_images, created).items():
             f.attrs[key] = value
-        f.create_dataset("prompts", data=np.array(header.prompts, dtype=object), dtype=text, track_times=False)
+        f.create_dataset("prompts", data=_text_array(header.prompts), dtype=text, track_times=False)
         if prompt_embeddings is not None:
             f.create_dataset("prompt_embeddings", data=prompt_embeddings, track_times=False)
         chunked = n_images > 0
@@ -265,7 +291,7 @@ def _write_h5(target: Path, header: _Header, n_images: int, created: str, rows: 
         for name in _INT_COLUMNS:
             f.create_dataset(name, data=ints[name], track_times=False)
         for name in _STR_COLUMNS:
-            f.create_dataset(name, data=np.array(strs[name], dtype=object), dtype=text, track_times=False)
+            f.create_dataset(name, data=_text_array(strs[name]), dtype=text, track_times=False)
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -631,8 +657,8 @@ class HeatmapFile:
         self._f = handle
         self.path = path
         self.attrs: dict[str, AttrValue] = {k: _plain(v) for k, v in handle.attrs.items()}
-        self.prompts: list[str] = list(handle["prompts"].asstr()[()])
-        self.paths: list[str] = list(handle["path"].asstr()[()])
+        self.prompts: list[str] = decode_text(handle["prompts"])
+        self.paths: list[str] = decode_text(handle["path"])
         self.indices: np.ndarray = handle["index"][()]
         self.n_images = len(self.paths)
         self.n_prompts = len(self.prompts)
@@ -707,7 +733,7 @@ class HeatmapFile:
     def _records(self, rows: slice) -> list[ImageRecord]:
         f = self._f
         ints = {name: f[name][rows].tolist() for name in _INT_COLUMNS}
-        strs = {name: f[name].asstr()[rows].tolist() for name in _STR_COLUMNS}
+        strs = {name: decode_text(f[name], rows) for name in _STR_COLUMNS}
         out = []
         for k in range(len(strs["path"])):
             letterbox = (
@@ -883,14 +909,14 @@ def _compare_dataset(name: str, a: h5py.Dataset, b: h5py.Dataset, diffs: list[st
         return
     text = h5py.check_string_dtype(a.dtype) is not None
     if a.shape == () or len(a.shape) == 0:
-        x, y = (a.asstr()[()], b.asstr()[()]) if text else (a[()], b[()])
+        x, y = a[()], b[()]  # stored bytes: equal bytes, equal text
         if not _arrays_equal(np.asarray(x), np.asarray(y)):
             diffs.append(f"/{name}: values differ")
         return
     step = 1024  # compare in slabs: a real run's maps do not fit comfortably in memory twice
     for start in range(0, a.shape[0], step):
         sl = slice(start, start + step)
-        x, y = (a.asstr()[sl], b.asstr()[sl]) if text else (a[sl], b[sl])
+        x, y = (decode_text(a, sl), decode_text(b, sl)) if text else (a[sl], b[sl])
         if not _arrays_equal(np.asarray(x), np.asarray(y)):
             diffs.append(f"/{name}: values differ in rows {start}..{min(start + step, a.shape[0]) - 1}")
             return
