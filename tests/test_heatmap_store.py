@@ -519,3 +519,22 @@ def test_path_that_is_not_utf8_is_stored_exactly(tmp_path: Path) -> None:
     assert equal_contents(out, merged)
     with HeatmapFile.open(merged) as hf:
         assert hf.paths[1] == name
+
+
+def test_fresh_run_takes_the_lock_before_touching_a_journal(tmp_path: Path) -> None:
+    """A run that has made its journal but not yet its manifest must not lose it to a second fresh run."""
+    out = tmp_path / "x.h5"
+    first = small_writer(out)
+    (first.journal / "manifest.json").unlink()  # the window between mkdir and the manifest's rename
+    (first.journal / "00000001.npz").write_bytes(b"first run's batch")
+    with pytest.raises(AflocError, match="another afloc run is writing"):
+        small_writer(out)
+    with pytest.raises(AflocError, match="another afloc run is writing"):
+        small_writer(out, overwrite=True)
+    assert (first.journal / "00000001.npz").read_bytes() == b"first run's batch"
+    first.close()
+    second = small_writer(out)  # once it is released, a journal without a manifest is a fresh start
+    assert sorted(p.name for p in second.journal.iterdir()) == ["lock", "manifest.json"]
+    fill(second)
+    second.finalize()
+    assert not second.journal.exists()

@@ -221,6 +221,20 @@ def _remove_tree(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _clear_journal(journal: Path) -> None:
+    """Empty a journal whose lock we hold, keeping the lock; the manifest goes first, so a kill half-way
+    leaves a journal that reads as fresh."""
+    (journal / "manifest.json").unlink(missing_ok=True)
+    _fsync_dir(journal)
+    for entry in journal.iterdir():
+        if entry.name == "lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _final_tmp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
@@ -372,10 +386,7 @@ class HeatmapWriter:
     def _open(self, *, resume: bool, overwrite: bool, explicit_created: bool) -> None:
         manifest = self.journal / "manifest.json"
         if overwrite:
-            if self.journal.exists():
-                self._lock()  # refuse to trample a run that is still writing
-                _remove_tree(self.journal)
-                self._unlock()
+            pass  # a fresh journal below; its lock refuses to trample a run that is still writing
         elif manifest.exists():
             if not resume:
                 raise AflocError("an interrupted run left its journal here", path=self.journal,
@@ -396,10 +407,14 @@ class HeatmapWriter:
                 self._refuse_mismatch(done._header(), self.out)
             self._already_complete = True
             return
-        # A fresh journal. One without a manifest was cut short before any batch: nothing to keep.
-        shutil.rmtree(self.journal, ignore_errors=True)
-        self.journal.mkdir(parents=True)
+        # A fresh journal. Lock it before touching anything in it: a journal without a manifest may be
+        # another run's that has just started (or one cut short before any batch: nothing to keep).
+        self.journal.mkdir(parents=True, exist_ok=True)
         self._lock()
+        if manifest.exists() and not overwrite:  # another run left its journal since the check above
+            raise AflocError("an interrupted run left its journal here", path=self.journal,
+                             hint="use --resume to complete it or --overwrite to start over")
+        _clear_journal(self.journal)
         _remove_stale_tmp(self.out)
         payload = {"kind": "afloc-heatmap-journal", "schema_version": SCHEMA_VERSION,
                    "created": self.created, "header": self.header.to_json()}
@@ -446,15 +461,24 @@ class HeatmapWriter:
                 self._entries[i] = name
 
     def _lock(self) -> None:
+        """Own the journal, or refuse. The lock counts only while its file is still the journal's own: a run
+        that finished (or was replaced) in the meantime has moved the journal away."""
         if fcntl is None or self._lock_fd is not None:
             return
-        fd = os.open(self.journal / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        busy = AflocError("another afloc run is writing this output", path=self.out,
+                          hint="wait for it to finish, or stop it first")
+        lock = self.journal / "lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise busy from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(fd), os.stat(lock)):
+                raise OSError("the journal was replaced")
         except OSError:
             os.close(fd)
-            raise AflocError("another afloc run is writing this output", path=self.out,
-                             hint="wait for it to finish, or stop it first") from None
+            raise busy from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -531,8 +555,8 @@ class HeatmapWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        _remove_tree(self.journal)  # still locked: no other run may take the journal while it goes
         self._unlock()
-        _remove_tree(self.journal)
         self._finalized = True
         return self.out
 
