@@ -538,3 +538,14 @@ def test_fresh_run_takes_the_lock_before_touching_a_journal(tmp_path: Path) -> N
     fill(second)
     second.finalize()
     assert not second.journal.exists()
+
+
+def test_merge_refuses_shards_that_repeat_a_path(tmp_path: Path) -> None:
+    """Shards of two input lists (a file landed between the jobs) would put one image in twice."""
+    a = small_writer(tmp_path / "a.h5", paths=["img1.png"], indices=[0])
+    a.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("img1.png")])
+    b = small_writer(tmp_path / "b.h5", paths=["img1.png"], indices=[1])
+    b.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("img1.png")])
+    with pytest.raises(AflocError, match=r"b\.h5: image img1\.png is also in .*a\.h5.*different input lists"):
+        merge([a.finalize(), b.finalize()], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists()

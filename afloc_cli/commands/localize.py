@@ -86,6 +86,7 @@ def localize_command(
 ) -> None:
     """Localize every prompt in every radiograph; exit 0 if all images succeeded, 3 if some failed."""
     from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+    from afloc_cli.heatmaps.store import inputs_sha256
     from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
     from afloc_cli.localize.runner import run_localize
     from afloc_cli.text.inference_engine import check_prompts
@@ -168,6 +169,7 @@ def localize_command(
             on_progress=on_progress,
             on_batch=on_batch,
             readout=readout,
+            inputs_sha256=inputs_sha256([str(p) for p in all_paths]),
         )
     info = summary.to_dict() | {"checkpoint_sha256": loaded.sha256, "shard": shard_spec}
     if as_json:

@@ -16,6 +16,7 @@ The schema is described in docs/heatmaps.md; keep the two in step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -56,6 +57,9 @@ _STR_COLUMNS = ("path", "reader", "status", "error")
 _BATCH_NAME = re.compile(r"^(\d{8})\.npz$")
 _EMBEDDINGS_NAME = "prompt_embeddings.npy"  # in the journal; /prompt_embeddings in the final file
 _GZIP_LEVEL = 4
+# Attributes whose difference is named in words rather than by key.
+_WHAT_DIFFERS = {"checkpoint_sha256": "checkpoint (checkpoint_sha256)",
+                 "inputs_sha256": "input list (inputs_sha256: files were added or removed between the runs)"}
 
 
 def encode_text(value: str) -> bytes:
@@ -82,6 +86,14 @@ def printable(value: str) -> str:
 
 def _text_array(values: Sequence[str]) -> np.ndarray:
     return np.array([encode_text(v) for v in values], dtype=object)
+
+
+def inputs_sha256(paths: Iterable[str | Path]) -> str:
+    """Identity of a run's full (unsharded) input list: shards of one run must agree on it to be merged."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(encode_text(str(path)) + b"\0")
+    return digest.hexdigest()
 
 
 def utc_now() -> str:
@@ -165,7 +177,7 @@ class _Header:
         keys = sorted(set(mine) | set(theirs), key=lambda k: (k != "checkpoint_sha256", k))
         for key in keys:
             if key not in mine or key not in theirs or not _same_value(mine[key], theirs[key]):
-                return "checkpoint (checkpoint_sha256)" if key == "checkpoint_sha256" else f"attribute {key!r}"
+                return _WHAT_DIFFERS.get(key, f"attribute {key!r}")
         return None
 
     def mismatch(self, other: _Header) -> str | None:
@@ -829,6 +841,15 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
                                      hint="merge each shard once")
                 owner[g] = (k, row)
         order = sorted(owner)
+        seen: dict[str, int] = {}
+        for g in order:  # shards of one input list never repeat a path; older files lack inputs_sha256
+            k, row = owner[g]
+            path = opened[k].paths[row]
+            if path in seen:
+                other = opened[owner[seen[path]][0]].path
+                raise AflocError(f"image {path} is also in {other} at another index: the shards were made over "
+                                 "different input lists", path=opened[k].path, hint="merge only the shards of one run")
+            seen[path] = g
         if not allow_gaps and order != list(range(len(order))):
             first_gap = next(i for i, g in enumerate(order + [-1]) if g != i)
             raise AflocError(f"the shards do not cover the inputs: image index {first_gap} is missing",

@@ -117,20 +117,25 @@ def run_localize(
     on_batch: Callable[[list[dict[str, Any]], np.ndarray], None] | None = None,
     wanted: np.ndarray | None = None,
     readout: str = "reference",
+    inputs_sha256: str | None = None,
 ) -> RunSummary:
     """Localize `paths` (the items of this shard, with their global `indices`) into `out`.
 
     `wanted` (len(paths), P) bool keeps only those (image, prompt) maps and stores NaN for the
     rest: a phrase-grounding benchmark asks one phrase per image, and NaN chunks compress to
-    almost nothing, so one file still serves every pair.
+    almost nothing, so one file still serves every pair. `inputs_sha256` (of the full input list) lets
+    `merge` refuse shards made over different lists.
     """
+    attrs = run_attrs(engine, checkpoint_sha256, readout)
+    if inputs_sha256 is not None:
+        attrs["inputs_sha256"] = inputs_sha256
     writer = HeatmapWriter(
         out,
         paths=[str(p) for p in paths],
         indices=indices,
         prompts=prompts,
         grid=engine.grid,
-        attrs=run_attrs(engine, checkpoint_sha256, readout),
+        attrs=attrs,
         resume=resume,
         overwrite=overwrite,
         prompt_embeddings=_prompt_vectors(engine),
