@@ -98,7 +98,19 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         typer.echo("afloc: interrupted", err=True)
         return 130
+    except OSError as exc:  # disk full, read-only or vanished paths: the file and the reason, on one line
+        if debug or os.environ.get("AFLOC_DEBUG"):
+            traceback.print_exc()
+        typer.echo(f"afloc: error: {_os_error_line(exc)}", err=True)
+        return AflocError.exit_code
     return 0
+
+
+def _os_error_line(exc: OSError) -> str:
+    """`PATH: reason` (both paths of a failed rename) from an OSError, without Python's decoration."""
+    reason = exc.strerror or str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
 def main() -> None:

@@ -73,7 +73,7 @@ def _png(path: Path, seed: int = 0) -> Path:
 
 
 def _localize(args: list[str], ckpt: Path) -> int:
-    return run(["localize", *args, "--prompt", "left effusion", "--checkpoint", str(ckpt), "--workers", "0"])
+    return run(["localize", *args, "--prompt", "Cardiomegaly", "--checkpoint", str(ckpt), "--workers", "0"])
 
 
 def test_merge_refuses_shards_of_different_input_lists(tmp_path, tiny_checkpoint, capsys):
@@ -89,3 +89,81 @@ def test_merge_refuses_shards_of_different_input_lists(tmp_path, tiny_checkpoint
     err = capsys.readouterr().err
     assert "s1.h5: made with a different input list" in err and "s0.h5" in err and "Traceback" not in err
     assert not (tmp_path / "m.h5").exists()
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("note: ")]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("afloc: error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+    return lines[0]
+
+
+def test_unwritable_outputs_are_refused_up_front_on_one_line(tmp_path, tiny_checkpoint, capsys):
+    image = _png(tmp_path / "in" / "a.png")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    assert _localize([str(image), "--out", str(tmp_path / "outdir"), "--overwrite"], tiny_checkpoint) == 2
+    _one_line_error(capsys, "outdir: is a folder")
+    assert not (tmp_path / "outdir.partial").exists()  # refused before any work
+    out = tmp_path / "o.h5"
+    assert _localize([str(image), "--out", str(out), "--overlays", str(tmp_path / "afile")], tiny_checkpoint) == 2
+    _one_line_error(capsys, "afile: --overlays must be a folder")
+    assert not (tmp_path / "o.h5.partial").exists()
+    assert _localize([str(image), "--out", str(out)], tiny_checkpoint) == 0
+    capsys.readouterr()
+
+    assert run(["merge", str(out), "--out", str(tmp_path / "nodir" / "m.h5")]) == 2
+    _one_line_error(capsys, "nodir: output folder does not exist")
+    assert run(["merge", str(out), "--out", str(tmp_path / "outdir"), "--overwrite"]) == 2
+    _one_line_error(capsys, "outdir: is a folder")
+    for kind in ("--npy", "--png", "--chexlocalize"):
+        assert run(["export", str(out), kind, str(tmp_path / "afile")]) == 2
+        _one_line_error(capsys, "afile: is a file, not a folder")
+    assert run(["scores", str(out), "--out", str(tmp_path / "afile" / "s.csv")]) == 2
+    _one_line_error(capsys, "afile: is a file, not a folder")
+    assert run(["scores", str(out), "--out", str(tmp_path / "outdir.csv")]) == 0
+    assert run(["scores", str(out), "--out", str(tmp_path / "outdir")]) == 2  # suffix first
+    capsys.readouterr()
+
+
+def test_disk_full_is_one_line_and_the_journal_resumes(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    import errno
+
+    from afloc_cli.heatmaps import store
+    from afloc_cli.vlp import overlay
+
+    folder = tmp_path / "in"
+    for i in range(4):
+        _png(folder / f"img{i}.png", i)
+    out = tmp_path / "o.h5"
+    args = [str(folder), "--out", str(out), "--batch-size", "2"]
+    real_write = store._write_atomic
+    calls = {"n": 0}
+
+    def full_after_one_batch(target, write):
+        if target.name.endswith(".npz"):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(target.with_name(".x.tmp")))
+        real_write(target, write)
+
+    monkeypatch.setattr(store, "_write_atomic", full_after_one_batch)
+    assert _localize(args, tiny_checkpoint) == 2
+    _one_line_error(capsys, "No space left on device", "--resume")
+    monkeypatch.setattr(store, "_write_atomic", real_write)
+
+    def full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(overlay, "write_png", full)  # a write the store does not own still gives one line
+    assert _localize([*args, "--resume", "--overlays", str(tmp_path / "ov")], tiny_checkpoint) == 2
+    _one_line_error(capsys, "ov/", "No space left on device")
+    monkeypatch.undo()
+    assert _localize([*args, "--resume"], tiny_checkpoint) == 0
+    assert "4 already done" in capsys.readouterr().err  # the overlay failure kept its batch too
+    from afloc_cli.heatmaps.store import HeatmapFile
+
+    with HeatmapFile.open(out) as hf:
+        assert hf.n_images == 4 and not hf.failures()

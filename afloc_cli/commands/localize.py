@@ -36,6 +36,24 @@ def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
     return result
 
 
+def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace: bool) -> None:
+    """Refuse outputs that could not be written, or must not be, before the model loads and any image is read."""
+    from afloc_cli.heatmaps.store import check_output_file
+
+    if out.exists() and not out.is_dir() and not replace:
+        raise AflocError("output exists", path=out, hint="use --overwrite to replace it or --resume to complete it")
+    check_output_file(out)
+    if overlays is not None:
+        if overlays.exists() and not overlays.is_dir():
+            raise AflocError("--overlays must be a folder, and this is a file", path=overlays)
+        try:
+            overlays.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AflocError(f"cannot make the overlay folder: {exc.strerror or exc}", path=overlays) from None
+        if not os.access(overlays, os.W_OK):
+            raise AflocError("overlay folder is not writable", path=overlays)
+
+
 def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int, readout: str):
     import numpy as np
     import torch
@@ -112,13 +130,7 @@ def localize_command(
     shard_spec = parse_shard(shard)
     indices = shard_indices(len(all_paths), shard_spec)
     paths = [all_paths[i] for i in indices]
-    if out.exists() and not (resume or overwrite):
-        raise AflocError("output exists", path=out, hint="use --overwrite to replace it or --resume to complete it")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise AflocError("output folder does not exist", path=folder)
-    if not os.access(folder, os.W_OK):
-        raise AflocError("output folder is not writable", path=folder)
+    _check_outputs(out, overlays, all_paths, resume or overwrite)
 
     loaded = load_any(checkpoint_path(checkpoint), text_model)
     torch_device = resolve_device(device)

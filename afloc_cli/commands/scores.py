@@ -21,23 +21,28 @@ def scores_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Score, peak location (original pixels) and area above a threshold, per image x prompt."""
-    from afloc_cli.heatmaps.readout import open_heatmaps, score_table
+    from afloc_cli.heatmaps.readout import open_heatmaps, output_folder, score_table
 
     if out.suffix not in (".parquet", ".csv"):
         raise AflocError("--out must end in .parquet or .csv", path=out)
+    if out.is_dir():
+        raise AflocError("is a folder, not a file", path=out, hint="name the table file")
+    output_folder(out.parent)  # before the table is computed, which takes minutes on a cohort
     with open_heatmaps(heatmaps) as hf:
         table = score_table(hf, threshold, readout)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        os.close(fd)
         if out.suffix == ".parquet":
             table.write_parquet(tmp, statistics=False)
         else:
             table.write_csv(tmp)
         os.replace(tmp, out)
+    except OSError as exc:
+        raise AflocError(f"cannot write the table: {exc.strerror or exc}", path=out) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
     summary = {"out": str(out), "rows": table.height, "failed_images": int((table["status"] != "ok").sum())}
     typer.echo(json.dumps(summary) if as_json else f"wrote {table.height} rows to {out}")

@@ -8,6 +8,7 @@ reported in original pixels through the image's letterbox, so 50,000 images x
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,18 @@ def iter_original_maps(hf: HeatmapFile, readout: str | None = None) -> Iterator[
             yield i, p, original_map(maps[p], lb, sigma, margin).numpy()
 
 
+def output_folder(folder: Path) -> None:
+    """Make an export folder up front, or refuse it on one line: a file in the way, a read-only disk."""
+    if folder.exists() and not folder.is_dir():
+        raise AflocError("is a file, not a folder", path=folder, hint="name a folder for the exported maps")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AflocError(f"cannot make the folder: {exc.strerror or exc}", path=folder) from None
+    if not os.access(folder, os.W_OK):
+        raise AflocError("folder is not writable", path=folder)
+
+
 def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
     from afloc_cli.vlp.overlay import overlay_name
 
@@ -114,6 +127,7 @@ def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
 
 def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """16-bit grey PNGs of the [-1, 1] map at original size (0 = -1, 65535 = +1, NaN -> 0)."""
+    output_folder(folder)
     n = 0
     for i, p, heat in iter_original_maps(hf, readout):
         norm = minmax_signed(heat)
@@ -125,7 +139,7 @@ def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int
 
 def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """float32 .npy maps at original size (raw similarity, or its contrast; NaN outside the image)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    output_folder(folder)
     n = 0
     for i, p, heat in iter_original_maps(hf, readout):
         target = folder / _name(hf, i, p, ".npy")
@@ -173,7 +187,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
     if twice := sorted({t for t in named if named.count(t) > 1}):
         raise AflocError(f"several prompts name the cheXlocalize task {twice[0]!r}, and it reads one map per image "
                          "and task: export a file with one prompt per task", path=hf.path)
-    folder.mkdir(parents=True, exist_ok=True)
+    output_folder(folder)
     scores = hf.scores()
     n = 0
     for i in range(hf.n_images):

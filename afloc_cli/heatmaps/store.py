@@ -247,6 +247,24 @@ def _clear_journal(journal: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def check_output_file(out: Path) -> None:
+    """Refuse, before any work, an output file that could never be written: a folder, or in a missing or
+    read-only folder."""
+    if out.is_dir():
+        raise AflocError("is a folder, not a file", path=out, hint="name the output file, e.g. results.h5")
+    folder = out.parent
+    if not folder.is_dir():
+        raise AflocError("output folder does not exist", path=folder)
+    if not os.access(folder, os.W_OK):
+        raise AflocError("output folder is not writable", path=folder)
+
+
+def _os_error(exc: OSError, doing: str, path: Path, hint: str | None = None) -> AflocError:
+    """An OS error while writing, as the one-line error the CLI prints (the file it names, if any)."""
+    where = exc.filename if exc.filename is not None else path
+    return AflocError(f"cannot write {doing}: {exc.strerror or exc}", path=where, hint=hint)
+
+
 def _final_tmp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
@@ -430,8 +448,11 @@ class HeatmapWriter:
         _remove_stale_tmp(self.out)
         payload = {"kind": "afloc-heatmap-journal", "schema_version": SCHEMA_VERSION,
                    "created": self.created, "header": self.header.to_json()}
-        _write_atomic(manifest, lambda fh: fh.write(json.dumps(payload, sort_keys=True).encode()))
-        self._keep_embeddings()
+        try:
+            _write_atomic(manifest, lambda fh: fh.write(json.dumps(payload, sort_keys=True).encode()))
+            self._keep_embeddings()
+        except OSError as exc:
+            raise _os_error(exc, "the journal", self.journal) from None
 
     def _keep_embeddings(self) -> None:
         """The journal's prompt embeddings win over this run's: the batches already written used them."""
@@ -545,7 +566,11 @@ class HeatmapWriter:
             np.savez(fh, indices=np.asarray(local, dtype=np.int64), heatmaps=maps, scores=scores,
                      records=np.array(meta))
 
-        _write_atomic(self.journal / name, write)
+        try:
+            _write_atomic(self.journal / name, write)
+        except OSError as exc:
+            raise _os_error(exc, "the journal", self.journal, "the batches already written are kept: fix it and "
+                            "run again with --resume") from None
         for i in local:
             self._entries[i] = name
 
@@ -564,6 +589,10 @@ class HeatmapWriter:
         try:
             _write_h5(tmp, self.header, self.n_images, self.created, self._rows(), self.prompt_embeddings)
             _publish(tmp, self.out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, "the output", self.out, "the journal is kept: fix it and run again with "
+                            "--resume") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -820,6 +849,7 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
         raise AflocError("nothing to merge", hint="name the shard files")
     if out.exists() and not overwrite:
         raise AflocError("exists", path=out, hint="use --overwrite")
+    check_output_file(out)
     if any(f.resolve() == out.resolve() for f in files if f.exists()):
         raise AflocError("the output is also an input", path=out, hint="write the merged file elsewhere")
     opened: list[HeatmapFile] = []
@@ -871,6 +901,9 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
         try:
             _write_h5(tmp, header, len(order), created, rows(), embeddings)
             _publish(tmp, out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, "the merged file", out) from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
