@@ -167,3 +167,12 @@ def test_disk_full_is_one_line_and_the_journal_resumes(tmp_path, tiny_checkpoint
 
     with HeatmapFile.open(out) as hf:
         assert hf.n_images == 4 and not hf.failures()
+
+
+def test_localize_refuses_to_write_over_one_of_its_inputs(tmp_path, tiny_checkpoint, capsys):
+    """--overwrite replaces a previous output, never a radiograph: it used to turn scan.png into HDF5."""
+    scan = _png(tmp_path / "victim" / "scan.png")
+    before = scan.read_bytes()
+    assert _localize([str(tmp_path / "victim"), "--out", str(scan), "--overwrite"], tiny_checkpoint) == 2
+    _one_line_error(capsys, "scan.png: the output is also one of the input images")
+    assert scan.read_bytes() == before

@@ -43,6 +43,9 @@ def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace
     if out.exists() and not out.is_dir() and not replace:
         raise AflocError("output exists", path=out, hint="use --overwrite to replace it or --resume to complete it")
     check_output_file(out)
+    target = out.resolve()
+    if any(p.resolve() == target for p in inputs):  # --overwrite is for a previous output, never an input
+        raise AflocError("the output is also one of the input images", path=out, hint="write the file elsewhere")
     if overlays is not None:
         if overlays.exists() and not overlays.is_dir():
             raise AflocError("--overlays must be a folder, and this is a file", path=overlays)
