@@ -176,3 +176,15 @@ def test_localize_refuses_to_write_over_one_of_its_inputs(tmp_path, tiny_checkpo
     assert _localize([str(tmp_path / "victim"), "--out", str(scan), "--overwrite"], tiny_checkpoint) == 2
     _one_line_error(capsys, "scan.png: the output is also one of the input images")
     assert scan.read_bytes() == before
+
+
+def test_chexlocalize_export_refuses_images_that_share_an_id(tmp_path, tiny_checkpoint, capsys):
+    """Its id is the last three path parts: two roots with one layout used to overwrite each other's maps."""
+    a = _png(tmp_path / "siteA" / "p1" / "s1" / "view1.png", 1)
+    b = _png(tmp_path / "siteB" / "p1" / "s1" / "view1.png", 2)
+    out = tmp_path / "cx.h5"
+    assert _localize([str(tmp_path / "siteA"), str(tmp_path / "siteB"), "--out", str(out)], tiny_checkpoint) == 0
+    capsys.readouterr()
+    assert run(["export", str(out), "--chexlocalize", str(tmp_path / "cx")]) == 2
+    _one_line_error(capsys, f"{a} and {b} get the same cheXlocalize image id 'p1_s1_view1'")
+    assert not list((tmp_path / "cx").glob("*.pkl"))

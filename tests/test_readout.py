@@ -122,3 +122,11 @@ def test_score_table_shows_a_path_that_is_not_utf8(tmp_path):
     with HeatmapFile.open(w.finalize()) as hf:
         table = score_table(hf)
     assert table["path"].to_list() == ["scans/M\\xfcller.png"] and table["status"].to_list() == ["failed"]
+
+
+def test_chexlocalize_id_keeps_a_sop_uid_name_whole():
+    from afloc_cli.heatmaps.readout import chexlocalize_id
+
+    assert chexlocalize_id("data/patient1/study2/view1_frontal.jpg") == "patient1_study2_view1_frontal"
+    assert chexlocalize_id("cx/uid/1.2.840.1.101") == "cx_uid_1.2.840.1.101"  # not 1.2.840.1
+    assert chexlocalize_id("cx/uid/1.2.840.1.102") != chexlocalize_id("cx/uid/1.2.840.1.101")

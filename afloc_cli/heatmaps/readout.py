@@ -164,6 +164,20 @@ def chexlocalize_task(prompt: str) -> str | None:
     return _TASK_NAMES.get(text)
 
 
+def chexlocalize_id(path: str) -> str:
+    """cheXlocalize's image id: the last three path parts joined by `_`, without an image suffix.
+
+    Only a known image suffix is dropped: a PACS file named by its SOP Instance UID (`1.2.840.1.101`) keeps
+    its last component.
+    """
+    from afloc_cli.localize.inputs import IMAGE_SUFFIXES
+
+    p = Path(path)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        p = p.with_suffix("")
+    return "_".join(p.parts[-3:])
+
+
 def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | None = None,
                         readout: str | None = None) -> int:
     """cheXlocalize's saliency pickles: `{image_id}_{task}_map.pkl` with map, prob, task, gt, cxr_img, cxr_dims.
@@ -187,6 +201,15 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
     if twice := sorted({t for t in named if named.count(t) > 1}):
         raise AflocError(f"several prompts name the cheXlocalize task {twice[0]!r}, and it reads one map per image "
                          "and task: export a file with one prompt per task", path=hf.path)
+    ids: dict[str, str] = {}  # one pickle per id and task: two images with one id would overwrite each other
+    for record in hf.records():
+        if record.status != "ok":
+            continue
+        image_id = chexlocalize_id(record.path)
+        if ids.setdefault(image_id, record.path) != record.path:
+            raise AflocError(f"{ids[image_id]} and {record.path} get the same cheXlocalize image id {image_id!r} "
+                             "(the last three path parts), so one's maps would overwrite the other's", path=hf.path,
+                             hint="localize and export each root separately")
     output_folder(folder)
     scores = hf.scores()
     n = 0
@@ -195,7 +218,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         if record.status != "ok":
             continue
         path = Path(record.path)
-        image_id = "_".join(path.with_suffix("").parts[-3:])
+        image_id = chexlocalize_id(record.path)
         pixels = torch.from_numpy(read_image(path).pixels)
         lb = Letterbox(**record.letterbox)
         maps = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma)[(..., *lb.image_region)]
