@@ -98,6 +98,18 @@ def test_inputs_folders_lists_and_dicom_without_extension(tmp_path):
         collect_inputs([tmp_path / "missing"])
 
 
+def test_walk_sniffs_dicoms_named_by_uid(tmp_path):
+    """PACS exports name files by SOP Instance UID: `.123` is not an extension, the DICM magic decides."""
+    magic = b"\0" * 128 + b"DICM" + b"\0" * 16
+    (tmp_path / "1.2.840.113619.2.55.3.123").write_bytes(magic)
+    (tmp_path / "IM.0001.IMA").write_bytes(magic)
+    (tmp_path / "1.2.840.113619.2.55.3.124").write_bytes(b"\0" * 200)  # a number-named file that is no DICOM
+    (tmp_path / "report.txt").write_text("not an image")
+    os.mkfifo(tmp_path / "2.25.1")  # never opened: a FIFO would block the walk
+    found = collect_inputs([tmp_path])
+    assert [p.name for p in found] == ["1.2.840.113619.2.55.3.123", "IM.0001.IMA"]
+
+
 def test_shards():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)

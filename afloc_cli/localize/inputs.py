@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,16 +16,27 @@ LIST_SUFFIXES = {".csv", ".txt", ".lst"}
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "Path")
 
 
+def _is_regular_file(path: Path) -> bool:
+    """Opening a FIFO or device found in a tree would block or read forever; only plain files are sniffed."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _walk(folder: Path) -> Iterable[Path]:
-    """Every radiograph under `folder`, sorted so every machine sees the same order."""
+    """Every radiograph under `folder`, sorted so every machine sees the same order.
+
+    A file is taken by its image suffix, or, whatever its name (PACS exports name files by SOP Instance UID,
+    `1.2.840...123`, whose `.123` is no extension), by the DICOM magic in its first 132 bytes.
+    """
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            suffix = path.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or (suffix == "" and is_dicom(path)):
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES or (_is_regular_file(path) and is_dicom(path)):
                 yield path
 
 
