@@ -89,11 +89,11 @@ def test_inputs_folders_lists_and_dicom_without_extension(tmp_path):
     (tmp_path / "a" / ".hidden.png").write_bytes(b"")
     dicom_like = tmp_path / "a" / "IM0001"
     dicom_like.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
-    found = collect_inputs([tmp_path / "a"])
+    found = collect_inputs([tmp_path / "a"]).paths
     assert [p.name for p in found] == ["1.png", "2.png", "IM0001", "3.jpg"]
     listing = tmp_path / "list.csv"
     listing.write_text("path,label\na/1.png,x\na/b/3.jpg,y\n")
-    assert [p.name for p in collect_inputs([listing, tmp_path / "a" / "1.png"])] == ["1.png", "3.jpg"]
+    assert [p.name for p in collect_inputs([listing, tmp_path / "a" / "1.png"]).paths] == ["1.png", "3.jpg"]
     with pytest.raises(AflocError, match="no such file"):
         collect_inputs([tmp_path / "missing"])
 
@@ -106,8 +106,27 @@ def test_walk_sniffs_dicoms_named_by_uid(tmp_path):
     (tmp_path / "1.2.840.113619.2.55.3.124").write_bytes(b"\0" * 200)  # a number-named file that is no DICOM
     (tmp_path / "report.txt").write_text("not an image")
     os.mkfifo(tmp_path / "2.25.1")  # never opened: a FIFO would block the walk
-    found = collect_inputs([tmp_path])
+    found = collect_inputs([tmp_path]).paths
     assert [p.name for p in found] == ["1.2.840.113619.2.55.3.123", "IM.0001.IMA"]
+
+
+def test_walk_leaves_out_dicomdir_with_a_note(tmp_path):
+    """A DICOM media export's DICOMDIR is an index without pixels, whether named DICOMDIR or not."""
+    from dicom_factory import write_dicom
+    from pydicom import dcmread
+    from pydicom.fileset import FileSet
+
+    ids = {"PatientID": "P1", "PatientName": "X", "StudyInstanceUID": "1.2.3", "StudyDate": "20200101",
+           "StudyTime": "1200", "StudyID": "1", "AccessionNumber": "1", "SeriesInstanceUID": "1.2.3.4",
+           "SeriesNumber": 1, "Modality": "CR", "SOPInstanceUID": "1.2.3.4.5", "InstanceNumber": 1}
+    image = write_dicom(tmp_path / "x.dcm", np.zeros((8, 8), np.uint16), extra=ids)
+    fs = FileSet()
+    fs.add(dcmread(image))
+    fs.write(tmp_path / "export")
+    (tmp_path / "export" / "1.2.3.4").write_bytes((tmp_path / "export" / "DICOMDIR").read_bytes())  # renamed index
+    collected = collect_inputs([tmp_path / "export"])
+    assert [p.name for p in collected.paths] == ["IM000000"]
+    assert collected.notes == ["left out 2 DICOMDIR file(s): the index of a DICOM media export, not a radiograph"]
 
 
 def test_shards():

@@ -127,7 +127,8 @@ def localize_command(
         raise AflocError("--readout contrast compares each prompt's map with the other prompts' maps and needs two "
                          f"or more prompts; got {len(prompt_list.prompts)}", hint="add prompts or use the reference "
                          "readout", path=prompts_file)
-    all_paths = collect_inputs(list(inputs))
+    collected = collect_inputs(list(inputs))
+    all_paths = collected.paths
     if not all_paths:
         raise AflocError("no radiographs found in the inputs", hint="DICOM, PNG, JPEG and TIFF files are read")
     shard_spec = parse_shard(shard)
@@ -148,7 +149,7 @@ def localize_command(
     engine = LocalizationEngine(model, prompt_list.prompts, device=torch_device,  # type: ignore[arg-type]
                                 precision=precision, level=level)  # type: ignore[arg-type]
     prompt_list = check_prompts(prompt_list, loaded.model.text_encoder.tokenizer, loaded.model.cfg.text.max_length)
-    for note in [*loaded.notes, *prompt_list.notes, *engine.notes]:
+    for note in [*collected.notes, *loaded.notes, *prompt_list.notes, *engine.notes]:
         console.print(f"note: {note}", style="yellow")
 
     on_batch = None

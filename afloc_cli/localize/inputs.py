@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from afloc_cli.errors import AflocError
@@ -14,6 +15,22 @@ from afloc_cli.image.data.io import is_dicom
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LIST_SUFFIXES = {".csv", ".txt", ".lst"}
 PATH_COLUMNS = ("path", "image_path", "file", "filename", "Path")
+MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # the DICOMDIR of a DICOM media export: an index, no pixels
+
+
+@dataclass
+class Inputs:
+    """The radiographs a run covers, and notes on what the folder walks left out on purpose."""
+
+    paths: list[Path]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Walk:
+    """State of one folder walk: what it left out, so the run can say so once."""
+
+    dicomdirs: int = 0
 
 
 def _is_regular_file(path: Path) -> bool:
@@ -24,11 +41,23 @@ def _is_regular_file(path: Path) -> bool:
         return False
 
 
-def _walk(folder: Path) -> Iterable[Path]:
+def _is_media_directory(path: Path) -> bool:
+    """True for a DICOMDIR under another name: its meta group names the Media Storage Directory class."""
+    from pydicom.filereader import read_file_meta_info
+
+    try:
+        meta = read_file_meta_info(path)  # the group 0002 elements only, never the whole file
+    except Exception:  # a malformed header: the reader reports it as a failed row with its reason
+        return False
+    return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_SOP_CLASS
+
+
+def _walk(folder: Path, state: _Walk) -> Iterator[Path]:
     """Every radiograph under `folder`, sorted so every machine sees the same order.
 
     A file is taken by its image suffix, or, whatever its name (PACS exports name files by SOP Instance UID,
-    `1.2.840...123`, whose `.123` is no extension), by the DICOM magic in its first 132 bytes.
+    `1.2.840...123`, whose `.123` is no extension), by the DICOM magic in its first 132 bytes. A DICOMDIR is an
+    index of a media export, not a radiograph: it is counted, not taken.
     """
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -36,8 +65,16 @@ def _walk(folder: Path) -> Iterable[Path]:
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES or (_is_regular_file(path) and is_dicom(path)):
+            if name.upper() == "DICOMDIR":
+                state.dicomdirs += 1
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
                 yield path
+            elif _is_regular_file(path) and is_dicom(path):
+                if _is_media_directory(path):
+                    state.dicomdirs += 1
+                else:
+                    yield path
 
 
 def _read_list(list_file: Path) -> list[Path]:
@@ -62,13 +99,14 @@ def _read_list(list_file: Path) -> list[Path]:
     return [p if p.is_absolute() else base / p for p in map(Path, entries)]
 
 
-def collect_inputs(arguments: list[Path]) -> list[Path]:
+def collect_inputs(arguments: list[Path]) -> Inputs:
     """Files as given, folders walked recursively (sorted), list files expanded; duplicates dropped.
 
     A path that does not exist is a usage error, reported before any work starts.
     """
     seen: set[Path] = set()
     out: list[Path] = []
+    dicomdirs = 0
 
     def add(path: Path) -> None:
         key = path.resolve()
@@ -78,8 +116,10 @@ def collect_inputs(arguments: list[Path]) -> list[Path]:
 
     for arg in arguments:
         if arg.is_dir():
-            for path in _walk(arg):
+            state = _Walk()
+            for path in _walk(arg, state):
                 add(path)
+            dicomdirs += state.dicomdirs
         elif arg.is_file():
             if arg.suffix.lower() in LIST_SUFFIXES and not is_dicom(arg):
                 for path in _read_list(arg):
@@ -88,7 +128,10 @@ def collect_inputs(arguments: list[Path]) -> list[Path]:
                 add(arg)
         else:
             raise AflocError("no such file or folder", path=arg)
-    return out
+    notes = []
+    if dicomdirs:
+        notes.append(f"left out {dicomdirs} DICOMDIR file(s): the index of a DICOM media export, not a radiograph")
+    return Inputs(out, notes)
 
 
 def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int] | None:
