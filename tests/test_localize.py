@@ -129,6 +129,37 @@ def test_walk_leaves_out_dicomdir_with_a_note(tmp_path):
     assert collected.notes == ["left out 2 DICOMDIR file(s): the index of a DICOM media export, not a radiograph"]
 
 
+def test_walk_follows_symlinked_folders_once(tmp_path):
+    """A cohort assembled from links is walked in full; a link back up the tree does not loop."""
+    png = tmp_path / "src.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "cohort" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "outside.png").write_bytes(png.read_bytes())
+    (tmp_path / "cohort" / "sub" / "inside.png").write_bytes(png.read_bytes())
+    (tmp_path / "cohort" / "study_link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "cohort" / "sub" / "loop").symlink_to(tmp_path / "cohort", target_is_directory=True)
+    (tmp_path / "cohort" / "twin").symlink_to(tmp_path / "cohort" / "sub", target_is_directory=True)
+    found = collect_inputs([tmp_path / "cohort"]).paths
+    assert [p.relative_to(tmp_path / "cohort").as_posix() for p in found] == ["study_link/outside.png",
+                                                                            "sub/inside.png"]
+
+
+def test_walk_unreadable_folder_is_an_error(tmp_path, monkeypatch):
+    """os.walk drops a folder it cannot list unless told otherwise: name it instead of skipping it."""
+    (tmp_path / "a" / "locked").mkdir(parents=True)
+    scandir = os.scandir
+
+    def refuse(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(AflocError, match="locked: cannot read the folder \\(Permission denied\\)"):
+        collect_inputs([tmp_path / "a"])
+
+
 def test_shards():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)

@@ -30,6 +30,7 @@ class Inputs:
 class _Walk:
     """State of one folder walk: what it left out, so the run can say so once."""
 
+    visited: set[str] = field(default_factory=set)  # real paths of folders entered: a symlink loop stops here
     dicomdirs: int = 0
 
 
@@ -55,12 +56,26 @@ def _is_media_directory(path: Path) -> bool:
 def _walk(folder: Path, state: _Walk) -> Iterator[Path]:
     """Every radiograph under `folder`, sorted so every machine sees the same order.
 
+    Symlinked folders are followed (a cohort is often assembled from links); each real folder is entered once,
+    so a link back up the tree cannot loop. A folder that cannot be listed is an error, not a silent gap.
     A file is taken by its image suffix, or, whatever its name (PACS exports name files by SOP Instance UID,
     `1.2.840...123`, whose `.123` is no extension), by the DICOM magic in its first 132 bytes. A DICOMDIR is an
     index of a media export, not a radiograph: it is counted, not taken.
     """
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+
+    def unreadable(exc: OSError) -> None:
+        raise AflocError(f"cannot read the folder ({exc.strerror or exc})", path=exc.filename or folder)
+
+    state.visited.add(os.path.realpath(folder))
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        keep = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, name))
+            if name.startswith(".") or real in state.visited:
+                continue
+            state.visited.add(real)
+            keep.append(name)
+        dirs[:] = keep
         for name in sorted(files):
             if name.startswith("."):
                 continue
