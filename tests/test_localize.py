@@ -160,6 +160,19 @@ def test_walk_unreadable_folder_is_an_error(tmp_path, monkeypatch):
         collect_inputs([tmp_path / "a"])
 
 
+def test_walk_leaves_out_the_runs_own_outputs(tmp_path):
+    (tmp_path / "in" / "overlays").mkdir(parents=True)
+    for name in ("in/a.png", "in/overlays/a__p000.png", "in/maps.png.partial/x.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    (tmp_path / "in" / "maps.png").write_bytes((tmp_path / "in" / "a.png").read_bytes())
+    own = [tmp_path / "in" / "maps.png", tmp_path / "in" / "maps.png.partial", tmp_path / "in" / "overlays"]
+    collected = collect_inputs([tmp_path / "in"], exclude=own)
+    assert [p.name for p in collected.paths] == ["a.png"]
+    assert len(collected.notes) == 1 and "own outputs" in collected.notes[0]
+    assert all(str(p) in collected.notes[0] for p in own)
+
+
 def test_shards():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
@@ -251,6 +264,21 @@ def test_paths_print_as_they_are_one_line_per_failure(tmp_path, tiny_checkpoint,
     failed = [line for line in lines if line.startswith("failed: ")]
     assert len(failed) == 1 and failed[0].startswith(f"failed: {broken / 'bad.png'}: ")  # the whole message, one line
     assert any(f"-> {out} (1 failed" in line for line in lines)
+
+
+def test_overlays_inside_the_input_folder_are_not_inputs_on_a_rerun(tmp_path, tiny_checkpoint, capsys):
+    """Overlays written into an input folder must not become radiographs (or make a resume refuse) next time."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(folder / "a.png")
+    args = [str(folder), "--prompt", "left effusion", "--overlays", str(folder / "overlays"), "--json"]
+    assert _localize([*args, "--out", str(folder / "maps.h5")], tiny_checkpoint) == 0
+    assert len(list((folder / "overlays").glob("*.png"))) == 1
+    capsys.readouterr()
+    assert _localize([*args, "--out", str(folder / "maps.h5"), "--overwrite"], tiny_checkpoint) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["done"] == 1
+    assert f"note: left out this run's own outputs found in the input folders: {folder / 'overlays'}" in captured.err
 
 
 def test_shards_merged_equal_single_run_and_scores_tables(tmp_path, tiny_checkpoint, image_folder):

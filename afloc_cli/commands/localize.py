@@ -57,6 +57,13 @@ def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace
             raise AflocError("overlay folder is not writable", path=overlays)
 
 
+def _own_outputs(out: Path, overlays: Path | None) -> list[Path]:
+    """What this run writes: a folder walk must not take it for input on this run or a rerun."""
+    from afloc_cli.heatmaps.store import JOURNAL_SUFFIX
+
+    return [out, out.with_name(out.name + JOURNAL_SUFFIX), *([overlays] if overlays is not None else [])]
+
+
 def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int, readout: str):
     import numpy as np
     import torch
@@ -127,7 +134,7 @@ def localize_command(
         raise AflocError("--readout contrast compares each prompt's map with the other prompts' maps and needs two "
                          f"or more prompts; got {len(prompt_list.prompts)}", hint="add prompts or use the reference "
                          "readout", path=prompts_file)
-    collected = collect_inputs(list(inputs))
+    collected = collect_inputs(list(inputs), exclude=_own_outputs(out, overlays))
     all_paths = collected.paths
     if not all_paths:
         raise AflocError("no radiographs found in the inputs", hint="DICOM, PNG, JPEG and TIFF files are read")

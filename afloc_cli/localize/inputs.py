@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +28,12 @@ class Inputs:
 
 @dataclass
 class _Walk:
-    """State of one folder walk: what it left out, so the run can say so once."""
+    """State of one folder walk: what it must not enter and what it left out, so the run can say so once."""
 
+    exclude: frozenset[str]  # real paths of this run's own outputs (file, journal, overlays folder)
     visited: set[str] = field(default_factory=set)  # real paths of folders entered: a symlink loop stops here
     dicomdirs: int = 0
+    own_outputs: list[Path] = field(default_factory=list)
 
 
 def _is_regular_file(path: Path) -> bool:
@@ -60,7 +62,7 @@ def _walk(folder: Path, state: _Walk) -> Iterator[Path]:
     so a link back up the tree cannot loop. A folder that cannot be listed is an error, not a silent gap.
     A file is taken by its image suffix, or, whatever its name (PACS exports name files by SOP Instance UID,
     `1.2.840...123`, whose `.123` is no extension), by the DICOM magic in its first 132 bytes. A DICOMDIR is an
-    index of a media export, not a radiograph: it is counted, not taken.
+    index of a media export, not a radiograph: it is counted, not taken. This run's own outputs are left out.
     """
 
     def unreadable(exc: OSError) -> None:
@@ -73,13 +75,20 @@ def _walk(folder: Path, state: _Walk) -> Iterator[Path]:
             real = os.path.realpath(os.path.join(root, name))
             if name.startswith(".") or real in state.visited:
                 continue
+            if real in state.exclude:
+                state.own_outputs.append(Path(root) / name)
+                continue
             state.visited.add(real)
             keep.append(name)
         dirs[:] = keep
+        real_root = os.path.realpath(root)  # once per folder, not per file: trees hold tens of thousands
         for name in sorted(files):
             if name.startswith("."):
                 continue
             path = Path(root) / name
+            if os.path.join(real_root, name) in state.exclude:
+                state.own_outputs.append(path)
+                continue
             if name.upper() == "DICOMDIR":
                 state.dicomdirs += 1
                 continue
@@ -114,14 +123,18 @@ def _read_list(list_file: Path) -> list[Path]:
     return [p if p.is_absolute() else base / p for p in map(Path, entries)]
 
 
-def collect_inputs(arguments: list[Path]) -> Inputs:
+def collect_inputs(arguments: list[Path], exclude: Iterable[Path] = ()) -> Inputs:
     """Files as given, folders walked recursively (sorted), list files expanded; duplicates dropped.
 
-    A path that does not exist is a usage error, reported before any work starts.
+    `exclude` names this run's own outputs: a walk never takes them as inputs (overlay PNGs written into an input
+    folder would otherwise become radiographs on the next run and make a resume refuse). A path that does not
+    exist is a usage error, reported before any work starts.
     """
     seen: set[Path] = set()
     out: list[Path] = []
+    excluded = frozenset(os.path.realpath(p) for p in exclude)
     dicomdirs = 0
+    own_outputs: list[Path] = []
 
     def add(path: Path) -> None:
         key = path.resolve()
@@ -131,10 +144,11 @@ def collect_inputs(arguments: list[Path]) -> Inputs:
 
     for arg in arguments:
         if arg.is_dir():
-            state = _Walk()
+            state = _Walk(exclude=excluded)
             for path in _walk(arg, state):
                 add(path)
             dicomdirs += state.dicomdirs
+            own_outputs += [p for p in state.own_outputs if p not in own_outputs]
         elif arg.is_file():
             if arg.suffix.lower() in LIST_SUFFIXES and not is_dicom(arg):
                 for path in _read_list(arg):
@@ -146,6 +160,9 @@ def collect_inputs(arguments: list[Path]) -> Inputs:
     notes = []
     if dicomdirs:
         notes.append(f"left out {dicomdirs} DICOMDIR file(s): the index of a DICOM media export, not a radiograph")
+    if own_outputs:
+        shown = ", ".join(str(p) for p in own_outputs)
+        notes.append(f"left out this run's own outputs found in the input folders: {shown}")
     return Inputs(out, notes)
 
 
