@@ -173,6 +173,14 @@ def test_walk_leaves_out_the_runs_own_outputs(tmp_path):
     assert all(str(p) in collected.notes[0] for p in own)
 
 
+def test_command_line_prompts_are_taken_as_given():
+    """Only prompt files have comments: `--prompt "#2 rib fracture"` is a finding."""
+    from afloc_cli.commands.localize import _prompts
+
+    assert _prompts(None, ["#2 rib fracture", "left effusion"]).prompts == ["#2 rib fracture", "left effusion"]
+    assert parse_prompts(["# comment", "left effusion"], "p.txt").prompts == ["left effusion"]
+
+
 def test_shards():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)

@@ -28,7 +28,7 @@ def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
     if prompts_file is not None:
         result = read_prompts_file(prompts_file)
     elif prompt:
-        result = parse_prompts(list(prompt), "--prompt")
+        result = parse_prompts(list(prompt), "--prompt", comments=False)  # taken as given: `#2 rib fracture`
     else:
         raise AflocError("no prompts", hint="pass --prompts FILE (one per line) or --prompt TEXT (repeatable)")
     if not result.prompts:

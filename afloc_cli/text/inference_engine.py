@@ -17,14 +17,18 @@ class PromptList:
     notes: list[str] = field(default_factory=list)  # duplicates removed, truncations, one-word prompts
 
 
-def parse_prompts(lines: list[str], source: str) -> PromptList:
-    """One prompt per line; `#` starts a comment line; blank lines ignored; duplicates removed with a note."""
+def parse_prompts(lines: list[str], source: str, *, comments: bool = True) -> PromptList:
+    """One prompt per line; blank lines ignored; duplicates removed with a note.
+
+    With `comments` (prompt files) a line starting with `#` is a comment; prompts given on the command line
+    are taken as given, since `#2 rib fracture` is a finding, not a comment.
+    """
     prompts: list[str] = []
     notes: list[str] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(lines, start=1):
         text = raw.strip()
-        if not text or text.startswith("#"):
+        if not text or (comments and text.startswith("#")):
             continue
         if text in seen:
             notes.append(f"{source}:{number}: duplicate of line {seen[text]} removed: {text!r}")
