@@ -181,6 +181,17 @@ def test_command_line_prompts_are_taken_as_given():
     assert parse_prompts(["# comment", "left effusion"], "p.txt").prompts == ["left effusion"]
 
 
+def test_prompt_file_splits_on_line_breaks_only(tmp_path):
+    """Form feed, U+0085 and U+2028 are not line ends: splitlines() would make two prompts of one."""
+    from afloc_cli.text.inference_engine import read_prompts_file
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("left\x0ceffusion\r\nlung\x85nodule\rrib\u2028fracture\n\nleft\x0ceffusion\n".encode())
+    parsed = read_prompts_file(path)
+    assert parsed.prompts == ["left\x0ceffusion", "lung\x85nodule", "rib\u2028fracture"]
+    assert len(parsed.notes) == 1 and f"{path}:5: duplicate of line 1" in parsed.notes[0]
+
+
 def test_shards():
     assert parse_shard("1/3") == (1, 3)
     assert parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)

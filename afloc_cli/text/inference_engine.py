@@ -49,7 +49,13 @@ def read_prompts_file(path: Path) -> PromptList:
         text = content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise AflocError(f"prompts file is not UTF-8 (byte {exc.start})", path=path) from exc
-    return parse_prompts(text.splitlines(), str(path))
+    return parse_prompts(_lines(text), str(path))
+
+
+def _lines(text: str) -> list[str]:
+    """Split on \\n, \\r\\n and \\r only: str.splitlines() also splits on form feed, U+0085 (a mis-decoded
+    Windows-1252 ellipsis) and U+2028, which would turn one prompt into two."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def check_prompts(prompts: PromptList, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PromptList:
