@@ -285,6 +285,19 @@ def test_paths_print_as_they_are_one_line_per_failure(tmp_path, tiny_checkpoint,
     assert any(f"-> {out} (1 failed" in line for line in lines)
 
 
+def test_failure_with_a_newline_in_its_name_stays_one_line(tmp_path, tiny_checkpoint, capsys):
+    broken = tmp_path / "in"
+    broken.mkdir()
+    (broken / "bad\nname.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(broken / "good.png")
+    capsys.readouterr()
+    assert _localize([str(broken), "--prompt", "left effusion", "--out", str(tmp_path / "o.h5")], tiny_checkpoint) == 3
+    lines = capsys.readouterr().err.splitlines()
+    failed = [i for i, line in enumerate(lines) if line.startswith("failed: ")]
+    assert len(failed) == 1 and lines[failed[0]].startswith(f"failed: {broken}/bad\\nname.png: ")
+    assert failed[0] == len(lines) - 1  # nothing of the message spills onto a line of its own
+
+
 def test_overlays_inside_the_input_folder_are_not_inputs_on_a_rerun(tmp_path, tiny_checkpoint, capsys):
     """Overlays written into an input folder must not become radiographs (or make a resume refuse) next time."""
     folder = tmp_path / "in"

@@ -64,6 +64,13 @@ def _own_outputs(out: Path, overlays: Path | None) -> list[Path]:
     return [out, out.with_name(out.name + JOURNAL_SUFFIX), *([overlays] if overlays is not None else [])]
 
 
+def _one_line(text: str) -> str:
+    """Escape what is not printable (a newline in a file name) so each failure stays one console line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int, readout: str):
     import numpy as np
     import torch
@@ -204,7 +211,7 @@ def localize_command(
             f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s)"
         )
         for failure in summary.failures[:10]:
-            console.print(f"failed: {failure['error']}", style="red")
+            console.print(f"failed: {_one_line(failure['error'])}", style="red")
         if len(summary.failures) > 10:
             console.print(f"... and {len(summary.failures) - 10} more (see `afloc scores` or the file's /status)")
     if summary.failed:
