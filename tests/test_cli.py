@@ -173,8 +173,13 @@ def test_localize_refuses_to_write_over_one_of_its_inputs(tmp_path, tiny_checkpo
     """--overwrite replaces a previous output, never a radiograph: it used to turn scan.png into HDF5."""
     scan = _png(tmp_path / "victim" / "scan.png")
     before = scan.read_bytes()
-    assert _localize([str(tmp_path / "victim"), "--out", str(scan), "--overwrite"], tiny_checkpoint) == 2
+    assert _localize([str(scan), "--out", str(scan), "--overwrite"], tiny_checkpoint) == 2
     _one_line_error(capsys, "scan.png: the output is also one of the input images")
+    assert scan.read_bytes() == before
+    # A folder walk leaves --out out of its inputs, so the image is not an input there; it is still no output.
+    _png(tmp_path / "victim" / "other.png")
+    assert _localize([str(tmp_path / "victim"), "--out", str(scan), "--overwrite"], tiny_checkpoint) == 2
+    _one_line_error(capsys, "scan.png: the output exists and is not a heat-map file")
     assert scan.read_bytes() == before
 
 

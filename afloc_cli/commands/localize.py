@@ -46,6 +46,9 @@ def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace
     target = out.resolve()
     if any(p.resolve() == target for p in inputs):  # --overwrite is for a previous output, never an input
         raise AflocError("the output is also one of the input images", path=out, hint="write the file elsewhere")
+    if out.is_file() and replace and not _is_hdf5(out):  # a folder walk leaves --out out of its inputs
+        raise AflocError("the output exists and is not a heat-map file (an image?): --overwrite and --resume only "
+                         "replace or complete an HDF5 file", path=out, hint="write the file elsewhere")
     if overlays is not None:
         if overlays.exists() and not overlays.is_dir():
             raise AflocError("--overlays must be a folder, and this is a file", path=overlays)
@@ -55,6 +58,15 @@ def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace
             raise AflocError(f"cannot make the overlay folder: {exc.strerror or exc}", path=overlays) from None
         if not os.access(overlays, os.W_OK):
             raise AflocError("overlay folder is not writable", path=overlays)
+
+
+def _is_hdf5(path: Path) -> bool:
+    """HDF5's signature at byte 0 (files afloc writes have no user block)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _own_outputs(out: Path, overlays: Path | None) -> list[Path]:
