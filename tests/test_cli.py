@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from afloc_cli.cli import app, run
@@ -50,20 +48,6 @@ def test_cli_reference_is_in_sync():
 
 
 # ---- output paths and shards, with a real (tiny) model ----------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from afloc_cli.checkpoint.io import save_checkpoint
-    from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
-    from afloc_cli.vlp.model import build_model
-
-    torch.manual_seed(0)
-    cfg = small_config().replace(
-        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
-        preprocess=PreprocessConfig(image_size=64),
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(build_model(cfg).eval(), path)
-    return path
 
 
 def _png(path: Path, seed: int = 0) -> Path:
@@ -109,7 +93,7 @@ def test_unwritable_outputs_are_refused_up_front_on_one_line(tmp_path, tiny_chec
     assert not (tmp_path / "outdir.partial").exists()  # refused before any work
     out = tmp_path / "o.h5"
     assert _localize([str(image), "--out", str(out), "--overlays", str(tmp_path / "afile")], tiny_checkpoint) == 2
-    _one_line_error(capsys, "afile: --overlays must be a folder")
+    _one_line_error(capsys, "afile: is a file, not a folder")
     assert not (tmp_path / "o.h5.partial").exists()
     assert _localize([str(image), "--out", str(out)], tiny_checkpoint) == 0
     capsys.readouterr()

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from afloc_cli.checkpoint.io import save_checkpoint
 from afloc_cli.cli import run
-from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.config import small_config
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile, content_differences, equal_contents
 from afloc_cli.image.data.transforms import Letterbox
@@ -27,7 +26,6 @@ from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.text.inference_engine import parse_prompts
 from afloc_cli.vlp.heatmap import original_map
-from afloc_cli.vlp.model import build_model
 
 
 # ---- an oracle engine: the map is the image itself, pooled to the grid ---------------------------
@@ -203,16 +201,6 @@ def test_shards():
 
 
 # ---- the command, with a real (tiny) model --------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = small_config().replace(
-        image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
-        preprocess=PreprocessConfig(image_size=64),
-    )
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(build_model(cfg).eval(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +37,7 @@ def _prompts(prompts_file: Path | None, prompt: list[str] | None) -> PromptList:
 
 def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace: bool) -> None:
     """Refuse outputs that could not be written, or must not be, before the model loads and any image is read."""
+    from afloc_cli.heatmaps.readout import output_folder
     from afloc_cli.heatmaps.store import check_output_file
 
     if out.exists() and not out.is_dir() and not replace:
@@ -50,14 +50,7 @@ def _check_outputs(out: Path, overlays: Path | None, inputs: list[Path], replace
         raise AflocError("the output exists and is not a heat-map file (an image?): --overwrite and --resume only "
                          "replace or complete an HDF5 file", path=out, hint="write the file elsewhere")
     if overlays is not None:
-        if overlays.exists() and not overlays.is_dir():
-            raise AflocError("--overlays must be a folder, and this is a file", path=overlays)
-        try:
-            overlays.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise AflocError(f"cannot make the overlay folder: {exc.strerror or exc}", path=overlays) from None
-        if not os.access(overlays, os.W_OK):
-            raise AflocError("overlay folder is not writable", path=overlays)
+        output_folder(overlays)
 
 
 def _is_hdf5(path: Path) -> bool:
