@@ -487,3 +487,32 @@ def test_synthetic_positives_from_phrases_negatives_from_labels(tmp_path: Path) 
     assert len(read_dataset("synthetic", tmp_path, split="train")[0]) == len(items)
     with pytest.raises(AflocError, match="no split"):
         read_dataset("synthetic", tmp_path, split="val")
+
+
+# ---------------------------------------------------------------- every CSV reader
+
+
+def test_a_stray_latin1_byte_in_an_annotation_csv_is_read_not_a_crash(tmp_path: Path) -> None:
+    """One non-UTF-8 byte (0xE9) in one row: the other rows are read; the spoiled one is a problem row."""
+    rsna = tmp_path / "rsna"
+    write_dicom(rsna / "stage_2_train_images/p1.dcm", 8, 8)
+    (rsna / "stage_2_train_labels.csv").write_bytes(
+        b"patientId,x,y,width,height,Target\np1,1,2,3,4,1\np\xe9,1,2,3,4,1\n")
+    nih = tmp_path / "nih"
+    write_image(nih / "images/00000001_000.png", 8, 8)
+    (nih / "BBox_List_2017.csv").write_bytes(
+        b"Image Index,Finding Label,Bbox [x,y,w,h],,,\n00000001_000.png,Mass,1,2,3,4,,,\n"
+        b"0000000\xe9_000.png,Mass,1,2,3,4,,,\n")
+    vindr = tmp_path / "vindr"
+    write_dicom(vindr / "train/i1.dicom", 8, 8)
+    (vindr / "annotations").mkdir()
+    (vindr / "annotations/annotations_train.csv").write_bytes(
+        b"image_id,rad_id,class_name,x_min,y_min,x_max,y_max\ni1,R1,Aortic enlargement,1,1,4,4\n"
+        b"i\xe9,R1,Aortic enlargement,1,1,4,4\n")
+    siim = tmp_path / "siim"
+    write_dicom(siim / "dicom-images-train/1/2/img1.dcm", 8, 8)
+    (siim / "train-rle.csv").write_bytes(b"ImageId, EncodedPixels\nimg1, 10 3\nimg\xe9, 10 3\n")
+    for name, root in (("rsna", rsna), ("nih-bbox", nih), ("vindr", vindr), ("siim", siim)):
+        items, problems = read_dataset(name, root)
+        assert len(items) == 1 and items[0].positive, name
+        assert [p.row for p in problems] == [3] and "\ufffd" in problems[0].reason, name

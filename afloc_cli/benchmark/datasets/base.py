@@ -163,8 +163,12 @@ class CsvTable:
 
 
 def read_csv(path: Path) -> CsvTable:
-    """All records of a CSV with whitespace stripped from header and fields; blank lines dropped."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    """All records of a CSV with whitespace stripped from header and fields; blank lines dropped.
+
+    Bytes that are not UTF-8 (a stray Latin-1 letter in a name) become U+FFFD, as the corpus reader does
+    ("utf8-lossy"): one odd byte must not stop a benchmark, and a field it spoils fails its row's own checks.
+    """
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]

@@ -51,7 +51,8 @@ def _flag(text: str) -> str:
 
 
 def _header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8-sig") as f:
+    """The stripped header fields; undecodable bytes become U+FFFD, as in read_csv."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         return [h.strip() for h in f.readline().split(",")]
 
 
