@@ -428,3 +428,28 @@ def test_nih_boxes_are_in_the_published_1024_pixels(tmp_path):
         results[side] = run_benchmark("nih-bbox", root, root / "out", heatmaps=root / "maps.h5", n_boot=0)
     assert _metrics(results[256]) == _metrics(results[1024]) and _metrics(results[1024])["pointing"] == 1.0
     assert any(n.startswith("truth rescaled for 1 items") for n in results[256].notes)
+
+
+def _vindr_with_a_garbage_image(root: Path) -> None:
+    """Two VinDr images with a finding each; i2.dicom is not an image at all."""
+    from dicom_factory import write_dicom  # tests/ is on sys.path under pytest
+
+    (root / "train").mkdir(parents=True)
+    write_dicom(root / "train/i1.dicom", np.full((32, 48), 100, np.uint16))
+    (root / "train/i2.dicom").write_bytes(b"not an image at all" * 10)
+    (root / "annotations").mkdir()
+    (root / "annotations/annotations_train.csv").write_text(
+        "image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
+        "i1,R1,Aortic enlargement,5,2,15,10\ni2,R1,Aortic enlargement,5,2,15,10\n")
+
+
+def test_an_unreadable_image_is_a_problem_row_and_the_run_goes_on(tiny_checkpoint, tmp_path):
+    """VinDr states no image size, so the header is read before localizing: a bad file must not stop the run."""
+    _vindr_with_a_garbage_image(tmp_path / "vindr")
+    out = tmp_path / "out"
+    assert run(["benchmark", "vindr", "--root", str(tmp_path / "vindr"), "--checkpoint", str(tiny_checkpoint),
+                "--out", str(out), "--bootstrap", "0", "--workers", "0"]) == 0
+    assert pl.read_parquet(out / "per_item.parquet")["item_id"].to_list() == ["i1/Aortic enlargement"]
+    listed = pl.read_csv(out / "problems.csv")
+    assert listed["file"].to_list() == [str(tmp_path / "vindr/train/i2.dicom")]
+    assert "not read" in listed["reason"][0]

@@ -197,7 +197,7 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
     _write_problems(out, problems)
-    items = fill_sizes(select_items(items, prompt_source, prompt_template, limit))
+    items = fill_sizes(select_items(items, prompt_source, prompt_template, limit), problems)
     if not items:
         raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
     has_negatives = any(not it.positive for it in items)

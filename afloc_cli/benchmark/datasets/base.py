@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from afloc_cli.errors import AflocError
+from afloc_cli.errors import AflocError, ImageReadError
 
 DEFAULT_PROMPT_TEMPLATE = "Findings suggesting {category}."
 
@@ -234,15 +234,27 @@ def image_size(path: Path) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def fill_sizes(items: Iterable[Item]) -> list[Item]:
-    """Items with height/width filled from image headers where the annotation did not state them."""
-    cache: dict[Path, tuple[int, int]] = {}
+def fill_sizes(items: Iterable[Item], problems: list[Problem] | None = None) -> list[Item]:
+    """Items with height/width filled from image headers where the annotation did not state them.
+
+    With `problems`, an image whose header cannot be read becomes one problem row (its path and why) and its
+    items are left out, so one bad file does not stop the rest; without it, the ImageReadError propagates.
+    """
+    cache: dict[Path, tuple[int, int] | None] = {}
     out: list[Item] = []
     for item in items:
         if item.height is not None and item.width is not None:
             out.append(item)
             continue
         if item.image_path not in cache:
-            cache[item.image_path] = image_size(item.image_path)
-        out.append(item.with_size(*cache[item.image_path]))
+            try:
+                cache[item.image_path] = image_size(item.image_path)
+            except ImageReadError as e:
+                if problems is None:
+                    raise
+                cache[item.image_path] = None
+                problems.append(Problem(str(item.image_path), None, f"image not read, not scored: {e.message}"))
+        size = cache[item.image_path]
+        if size is not None:
+            out.append(item.with_size(*size))
     return out
