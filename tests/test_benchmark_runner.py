@@ -453,3 +453,23 @@ def test_an_unreadable_image_is_a_problem_row_and_the_run_goes_on(tiny_checkpoin
     listed = pl.read_csv(out / "problems.csv")
     assert listed["file"].to_list() == [str(tmp_path / "vindr/train/i2.dicom")]
     assert "not read" in listed["reason"][0]
+
+
+def test_an_image_localize_cannot_decode_is_listed_in_problems_csv(tiny_checkpoint, tmp_path):
+    """RSNA states its size (1024), so a bad DICOM first fails in localize: problems.csv must still list it."""
+    from dicom_factory import write_dicom  # tests/ is on sys.path under pytest
+
+    root = tmp_path / "rsna"
+    (root / "stage_2_train_images").mkdir(parents=True)
+    write_dicom(root / "stage_2_train_images/p1.dcm", np.full((32, 32), 100, np.uint16))
+    (root / "stage_2_train_images/p2.dcm").write_bytes(b"not an image at all" * 10)
+    (root / "stage_2_train_labels.csv").write_text(
+        "patientId,x,y,width,height,Target\np1,40,20,60,100,1\np2,40,20,60,100,1\n")
+    out = tmp_path / "out"
+    assert run(["benchmark", "rsna", "--root", str(root), "--checkpoint", str(tiny_checkpoint),
+                "--out", str(out), "--bootstrap", "0", "--workers", "0"]) == 0
+    assert pl.read_parquet(out / "per_item.parquet")["item_id"].to_list() == ["p1"]
+    listed = pl.read_csv(out / "problems.csv")
+    assert listed["file"].to_list() == [str(root / "stage_2_train_images/p2.dcm")]
+    assert "not read" in listed["reason"][0]
+    assert json.loads((out / "protocol.json").read_text())["n_problems"] == 1

@@ -238,6 +238,7 @@ def run_benchmark(
     notes: list[str] = []
     rescaled = 0  # items whose truth is stated at another size than their image's (a resized copy)
     unscored: set[str] = set()  # items whose truth cannot be brought onto their image: problem rows
+    unread: set[str] = set()  # images the heat-map file records as failed: problem rows
     with HeatmapFile.open(heatmaps) as hf:
         checkpoint_sha = checkpoint_sha or str(hf.attrs.get("checkpoint_sha256", ""))
         hm_cfg = json.loads(str(hf.attrs.get("heatmap_config", "{}")))
@@ -288,8 +289,10 @@ def run_benchmark(
             record = records[i]
             base = {"item_id": it.item_id, "image_id": it.image_id, "category": it.category,
                     "prompt": it.prompt, "split": it.split or ""}
-            if record.status != "ok":
-                notes.append(f"{it.image_path}: not scored ({record.error})")
+            if record.status != "ok":  # localize could not decode it: one problem row per image
+                if str(it.image_path) not in unread:
+                    unread.add(str(it.image_path))
+                    problems.append(Problem(str(it.image_path), None, f"image not read, not scored: {record.error}"))
                 continue
             lb = Letterbox(**record.letterbox)
             truth = None
@@ -315,6 +318,8 @@ def run_benchmark(
         notes.append(f"truth rescaled for {rescaled} items: their annotation states another size than the image "
                      f"file (a resized copy), same aspect within {ASPECT_TOLERANCE:.0%}; brought into the frame "
                      "by the annotation's own size, as the reference does")
+    if unread:
+        notes.append(f"{len(unread)} images could not be read and are not scored (problems.csv)")
     if unscored:
         notes.append(f"{len(unscored)} items not scored: their truth does not fit their image (problems.csv)")
     if not rows:  # every positive a problem row or unlocalized: a clear stop, not an empty table's traceback
