@@ -370,9 +370,10 @@ def test_chexlocalize_mask_on_a_resized_image_and_a_wrong_aspect(tmp_path, frami
                 "test", "--out", str(tmp_path / "cli"), "--bootstrap", "0", "--framing", framing,
                 "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["protocol"]["n_problems"] == 1
-    # Nothing left to score: a one-line error pointing at problems.csv, exit 2.
+    # Nothing left to score: a one-line error naming the problem, exit 2; --out is left as it was.
     bad = tree("bad", {"patient2": (20, 20)})
-    with pytest.raises(AflocError, match="no item of chexlocalize could be scored.*problems.csv lists 1"):
+    with pytest.raises(AflocError, match="no item of chexlocalize could be scored.*1 rows or items could not be "
+                                         "used, e.g. .*another aspect ratio"):
         run_benchmark("chexlocalize", bad, bad / "out", heatmaps=bad / "maps.h5", n_boot=0, framing=framing)
 
 
@@ -473,3 +474,34 @@ def test_an_image_localize_cannot_decode_is_listed_in_problems_csv(tiny_checkpoi
     assert listed["file"].to_list() == [str(root / "stage_2_train_images/p2.dcm")]
     assert "not read" in listed["reason"][0]
     assert json.loads((out / "protocol.json").read_text())["n_problems"] == 1
+
+
+def test_a_run_leaves_only_its_own_tables_and_a_refused_rerun_none(corpus, tmp_path):
+    """problems.csv, auroc.csv and human_summary.csv of an earlier run go when this run writes none (D4); a
+    rerun refused after reading the dataset writes nothing, so the folder never mixes two runs (D3)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(corpus, broken)
+    phrases = broken / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    first = phrases.read_text().splitlines()[1].split(",")
+    first[4] = "abc"
+    with phrases.open("a") as f:
+        f.write(",".join(first) + "\n")
+    _oracle_file(corpus, tmp_path / "oracle.h5")
+    _oracle_file(broken, tmp_path / "broken.h5")
+    out = tmp_path / "out"
+    run_benchmark("synthetic", broken, out, heatmaps=tmp_path / "broken.h5", split="test", n_boot=0)
+    before = (out / "problems.csv").read_text()
+    with phrases.open("a") as f:  # the refused rerun reads one more bad row
+        f.write(",".join(first) + "\n")
+    with pytest.raises(AflocError, match="--prompt-source"):  # refused once the dataset is read
+        run_benchmark("synthetic", broken, out, heatmaps=tmp_path / "oracle.h5", split="test", n_boot=0,
+                      prompt_source="other")
+    assert (out / "problems.csv").read_text() == before
+    for stale in ("auroc.csv", "human_summary.csv"):  # as an earlier run with negatives or a human file left them
+        (out / stale).write_text("category,auroc\nx,0.5\n")
+    result = run_benchmark("synthetic", corpus, out, heatmaps=tmp_path / "oracle.h5", split="test", n_boot=0)
+    assert result.problems == 0 and result.auroc is None and result.human is None
+    for stale in ("problems.csv", "auroc.csv", "human_summary.csv"):
+        assert not (out / stale).exists(), stale

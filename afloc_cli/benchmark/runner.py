@@ -196,7 +196,6 @@ def run_benchmark(
         raise AflocError(f"--framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
     out.mkdir(parents=True, exist_ok=True)
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
-    _write_problems(out, problems)
     items = fill_sizes(select_items(items, prompt_source, prompt_template, limit), problems)
     if not items:
         raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
@@ -323,9 +322,9 @@ def run_benchmark(
     if unscored:
         notes.append(f"{len(unscored)} items not scored: their truth does not fit their image (problems.csv)")
     if not rows:  # every positive a problem row or unlocalized: a clear stop, not an empty table's traceback
-        _write_problems(out, problems)
+        # Nothing is written: --out keeps the earlier run's tables whole, so the problems go in the message.
         raise AflocError(f"no item of {dataset} could be scored", path=root,
-                         hint=(f"{out / 'problems.csv'} lists {len(problems)} rows or items that could not be used"
+                         hint=(f"{len(problems)} rows or items could not be used, e.g. {problems[0]}"
                                if problems else "; ".join(notes) or "no item has the finding"))
     per_item = per_item_table(rows)
     if dataset == "chexlocalize" and per_item.height:
@@ -342,7 +341,6 @@ def run_benchmark(
     if dataset == "chexlocalize":  # the model's own scored items, so the two rows compare like with like
         kept = [it for it in items if it.item_id not in unscored]
         human = _human_benchmark(dataset, root, kept, thresholds, n_boot, framing, problems)
-    _write_problems(out, problems)
     if human is not None:
         notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "
                      "human_summary.csv")
@@ -382,16 +380,8 @@ def run_benchmark(
         "annotation_sha256": _annotation_hashes(root),
         "notes": notes,
     }
-    _write_tables(out, per_item, per_category, summary, auroc, protocol)
-    if human is not None:
-        human.write_csv(out / "human_summary.csv")
+    _write_tables(out, per_item, per_category, summary, auroc, protocol, problems, human)
     return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes, human)
-
-
-def _write_problems(out: Path, problems: list[Problem]) -> None:
-    """problems.csv: the rows and items that could not be used, each with its file and reason."""
-    if problems:
-        pl.DataFrame([asdict(p) for p in problems]).write_csv(out / "problems.csv")
 
 
 def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tuple[float, ...],
@@ -448,15 +438,30 @@ def _contrast_raw(hf: HeatmapFile, i: int, it: Item, categories: list[str], file
 
 
 def _write_tables(out: Path, per_item: pl.DataFrame, per_category: pl.DataFrame, summary: pl.DataFrame,
-                  auroc: pl.DataFrame | None, protocol: dict[str, Any]) -> None:
+                  auroc: pl.DataFrame | None, protocol: dict[str, Any], problems: list[Problem],
+                  human: pl.DataFrame | None) -> None:
+    """Every table of a finished run, each replaced atomically, protocol.json last.
+
+    Written only once the run has succeeded, so a refused or failed rerun leaves the earlier run's tables whole;
+    a table this run does not produce (no problems, no negatives, no human benchmark) is removed, so the folder
+    never mixes two runs.
+    """
     def atomic(name: str, write: Callable[[str], None]) -> None:
         tmp = out / f".{name}.tmp"
         write(str(tmp))
         os.replace(tmp, out / name)
 
+    def optional(name: str, table: pl.DataFrame | None) -> None:
+        if table is not None:
+            atomic(name, table.write_csv)
+        else:
+            (out / name).unlink(missing_ok=True)
+
     atomic("per_item.parquet", lambda p: per_item.write_parquet(p, statistics=False))
     atomic("per_category.csv", per_category.write_csv)
     atomic("summary.csv", summary.write_csv)
-    if auroc is not None:
-        atomic("auroc.csv", auroc.write_csv)
+    # problems.csv: the rows and items that could not be used, each with its file and reason.
+    optional("problems.csv", pl.DataFrame([asdict(p) for p in problems]) if problems else None)
+    optional("auroc.csv", auroc)
+    optional("human_summary.csv", human)
     atomic("protocol.json", lambda p: Path(p).write_text(json.dumps(protocol, indent=2, default=str)))
