@@ -505,3 +505,21 @@ def test_a_run_leaves_only_its_own_tables_and_a_refused_rerun_none(corpus, tmp_p
     assert result.problems == 0 and result.auroc is None and result.human is None
     for stale in ("problems.csv", "auroc.csv", "human_summary.csv"):
         assert not (out / stale).exists(), stale
+
+
+def test_a_rerun_with_other_settings_says_what_differs_and_overwrite_replaces_it(corpus, tiny_checkpoint, tmp_path,
+                                                                                  capsys):
+    """The refusal names the benchmark options behind the difference and an option the command has."""
+    out = tmp_path / "out"
+    base = ["benchmark", "synthetic", "--root", str(corpus), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+            "--split", "test", "--bootstrap", "0", "--workers", "0", "--format", "csv"]
+    assert run(base) == 0
+    capsys.readouterr()
+    assert run([*base, "--limit", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the input paths differ from those of the earlier run in this --out" in err
+    assert "another --root, --split or --limit" in err and "add --overwrite" in err and "interrupted" not in err
+    assert run([*base, "--limit", "1", "--overwrite"]) == 0
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["limit"] == 1
+    assert run([*base, "--limit", "1"]) == 0  # the replaced file now serves the same settings

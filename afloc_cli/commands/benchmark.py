@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from afloc_cli.benchmark.runner import BenchmarkResult
 
 DATASETS = "ms-cxr, rsna, chexlocalize, covid-rural, siim, nih-bbox, vindr, synthetic"
+# Which benchmark options change what the heat-map store compares when a rerun would reuse OUT/heatmaps.h5.
+BECAUSE = {
+    "input paths": "another --root, --split or --limit",
+    "prompts": "another --prompt-template, --prompt-source, --class-prompts or --readout",
+    "checkpoint (checkpoint_sha256)": "another --checkpoint",
+}
 
 
 def _value(summary: pl.DataFrame, metric: str) -> tuple[float, float, float]:
@@ -93,6 +99,9 @@ def benchmark_command(
                                 "letterbox padding included, a 14/224 NaN border, boxes mapped as its "
                                 "box_mapping) or image (the image only: padding NaN, truth filled in original "
                                 "pixels)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the heat maps and tables an earlier run "
+                                   "left in --out (needed when the checkpoint, prompts, images or readout "
+                                   "differ); without it a rerun resumes or reuses OUT/heatmaps.h5."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np
@@ -100,6 +109,7 @@ def benchmark_command(
     from afloc_cli.benchmark.class_prompts import load_class_prompts
     from afloc_cli.benchmark.runner import run_benchmark
     from afloc_cli.checkpoint.loader import checkpoint_path, load_any
+    from afloc_cli.heatmaps.store import ResumeMismatch
     from afloc_cli.localize.runner import run_localize
     from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
 
@@ -118,9 +128,15 @@ def benchmark_command(
         loaded = load_any(checkpoint_path(checkpoint), text_model)
         engine = LocalizationEngine(loaded.model, prompts, device=resolve_device(device))
         console.print(f"localizing {len(paths)} images x {len(prompts)} prompts into {h5} (resumable)")
-        summary = run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
-                               checkpoint_sha256=loaded.sha256, batch_size=batch_size, workers=workers,
-                               resume=True, wanted=wanted)
+        try:
+            summary = run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
+                                   checkpoint_sha256=loaded.sha256, batch_size=batch_size, workers=workers,
+                                   resume=not overwrite, overwrite=overwrite, wanted=wanted)
+        except ResumeMismatch as e:  # the store's hint is localize's; say which benchmark options lead there
+            raise AflocError(f"the {e.what} differ from those of the earlier run in this --out "
+                             f"({BECAUSE.get(e.what, 'other settings')})", path=h5,
+                             hint="add --overwrite to replace its heat maps and tables, or choose another --out"
+                             ) from None
         if summary.failed:
             console.print(f"{summary.failed} images could not be read; they are not scored", style="yellow")
         return h5, loaded.sha256

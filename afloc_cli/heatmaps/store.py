@@ -348,6 +348,15 @@ def _publish(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Writer
 # ---------------------------------------------------------------------------------------------
+class ResumeMismatch(AflocError):
+    """A resume refused because this run's inputs or settings differ; `what` names the first difference, so a
+    command that resumes on the user's behalf (benchmark) can say which of its own options caused it."""
+
+    def __init__(self, what: str, message: str, *, path: str | Path | None = None, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.what = what
+
+
 class HeatmapWriter:
     """Collects results for a known, ordered list of N inputs and P prompts, journalled so a kill loses one batch.
 
@@ -470,9 +479,10 @@ class HeatmapWriter:
     def _refuse_mismatch(self, previous: _Header, where: Path) -> None:
         what = self.header.mismatch(previous)
         if what is not None:
-            raise AflocError(f"cannot resume: the {what} differ from those of the interrupted run", path=where,
-                             hint="resume with the same inputs, prompts, checkpoint and options, "
-                                  "or use --overwrite to start over")
+            run = "the interrupted run" if where == self.journal else "the finished run in this file"
+            raise ResumeMismatch(what, f"cannot resume: the {what} differ from those of {run}", path=where,
+                                 hint="resume with the same inputs, prompts, checkpoint and options, "
+                                      "or use --overwrite to start over")
 
     def _scan(self) -> None:
         """Index the journal's batches; an unreadable one (never renamed into place whole) is dropped."""
