@@ -523,3 +523,13 @@ def test_a_rerun_with_other_settings_says_what_differs_and_overwrite_replaces_it
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["limit"] == 1
     assert run([*base, "--limit", "1"]) == 0  # the replaced file now serves the same settings
+
+
+def test_out_that_is_a_file_is_a_one_line_error(corpus, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    args = ["benchmark", "synthetic", "--root", str(corpus), "--heatmaps", str(tmp_path / "x.h5"), "--split", "test"]
+    assert run([*args, "--out", str(afile)]) == 2
+    assert "--out must be a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert run([*args, "--out", str(afile / "sub")]) == 2
+    assert "cannot create the --out folder" in capsys.readouterr().err

@@ -194,7 +194,13 @@ def run_benchmark(
         raise AflocError(f"--readout must be one of {', '.join(READOUTS)}, not {readout!r}")
     if framing not in FRAMINGS:
         raise AflocError(f"--framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise AflocError("--out must be a folder, and this is a file", path=out,
+                         hint="choose a folder for the tables and heat maps")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file among its parents, no permission: one line, not a traceback
+        raise AflocError(f"cannot create the --out folder ({e.strerror})", path=out) from None
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
     items = fill_sizes(select_items(items, prompt_source, prompt_template, limit), problems)
     if not items:
