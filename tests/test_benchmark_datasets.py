@@ -429,13 +429,15 @@ def test_vindr_union_of_radiologists_and_negatives(tmp_path: Path) -> None:
     )
     items, problems = read_dataset("vindr", tmp_path)
     ids = by_id(items)
-    assert set(ids) == {"i1/Aortic enlargement", "i1/Nodule/Mass", "i2/Aortic enlargement", "i2/Nodule/Mass"}
+    # i2's Nodule/Mass box is unusable (inverted): neither a positive nor a negative, so left out
+    assert set(ids) == {"i1/Aortic enlargement", "i1/Nodule/Mass", "i2/Aortic enlargement"}
     aortic = ids["i1/Aortic enlargement"]
     assert aortic.positive and aortic.split == "train" and len(aortic.boxes) == 2
     truth = aortic.truth_mask(30, 40)
     assert truth[2:4, 5:15].all() and truth[20:30, 30:40].all() and truth.sum() == 20 + 100
     assert not ids["i1/Nodule/Mass"].positive and not ids["i2/Aortic enlargement"].positive
-    assert [p.row for p in problems] == [6, 7]
+    assert [p.row for p in problems] == [6, 6, 7]
+    assert "i2/Nodule/Mass left out" in problems[1].reason and "neither a positive nor a negative" in problems[1].reason
     with pytest.raises(AflocError, match="annotations_test.csv"):
         read_dataset("vindr", tmp_path, split="test")
 
