@@ -533,3 +533,38 @@ def test_out_that_is_a_file_is_a_one_line_error(corpus, tmp_path, capsys):
     assert "--out must be a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
     assert run([*args, "--out", str(afile / "sub")]) == 2
     assert "cannot create the --out folder" in capsys.readouterr().err
+
+
+def test_a_malformed_human_benchmark_stops_before_localizing_and_bad_entries_are_problems(tmp_path):
+    """hb_segmentations_test.json that is not an object: one-line error before any localization; a human RLE
+    that cannot be decoded: a problem row, not silently dropped."""
+    from PIL import Image
+
+    from afloc_cli.benchmark.datasets.rle import encode_coco
+
+    h, w = 40, 30
+    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.full((h, w), 90, np.uint8)).save(image)
+    truth = np.zeros((h, w), bool)
+    truth[5:25, 3:20] = True
+    rle = {"size": [h, w], "counts": encode_coco(truth)}
+    seg = tmp_path / "CheXlocalize"
+    seg.mkdir()
+    (seg / "gt_segmentations_test.json").write_text(json.dumps({"patient1_study1_view1_frontal":
+                                                                {"Cardiomegaly": rle}}))
+    (seg / "hb_segmentations_test.json").write_text("[]")
+    calls = []
+    with pytest.raises(AflocError, match="hb_segmentations_test.json: expected an object"):
+        run_benchmark("chexlocalize", tmp_path, tmp_path / "out", localize=lambda *a: calls.append(a), n_boot=0,
+                      split="test")
+    assert calls == []
+    (seg / "hb_segmentations_test.json").write_text(json.dumps({"patient1_study1_view1_frontal": {
+        "Cardiomegaly": rle, "Edema": {"size": [h, w], "counts": [1.5, "a"]}}}))
+    frame = Letterbox.for_shape(h, w, 224).original_mask_to_frame(truth)
+    _frame_map_file(tmp_path / "maps.h5", [image], "Findings suggesting cardiomegaly.", frame)
+    result = run_benchmark("chexlocalize", tmp_path, tmp_path / "out", heatmaps=tmp_path / "maps.h5", n_boot=0,
+                           split="test")
+    assert result.human is not None and result.problems == 1
+    listed = pl.read_csv(tmp_path / "out/problems.csv")
+    assert listed["file"][0].endswith("hb_segmentations_test.json") and "Edema" in listed["reason"][0]

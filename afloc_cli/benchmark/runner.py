@@ -202,6 +202,12 @@ def run_benchmark(
     except OSError as e:  # a file among its parents, no permission: one line, not a traceback
         raise AflocError(f"cannot create the --out folder ({e.strerror})", path=out) from None
     items, problems = read_dataset(dataset, root, split=split, prompt_template=prompt_template, **(options or {}))
+    segmentations: dict[tuple[str, str], tuple[list[int], int, int]] = {}
+    if dataset == "chexlocalize":  # the radiologists' file, checked before the long localization
+        from afloc_cli.benchmark.datasets.chexlocalize import read_human_benchmark
+
+        segmentations, human_problems = read_human_benchmark(root)
+        problems += human_problems
     items = fill_sizes(select_items(items, prompt_source, prompt_template, limit), problems)
     if not items:
         raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
@@ -346,7 +352,7 @@ def run_benchmark(
     human = None
     if dataset == "chexlocalize":  # the model's own scored items, so the two rows compare like with like
         kept = [it for it in items if it.item_id not in unscored]
-        human = _human_benchmark(dataset, root, kept, thresholds, n_boot, framing, problems)
+        human = _human_benchmark(dataset, segmentations, kept, thresholds, n_boot, framing, problems)
     if human is not None:
         notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "
                      "human_summary.csv")
@@ -390,15 +396,14 @@ def run_benchmark(
     return BenchmarkResult(out, summary, per_category, auroc, protocol, len(problems), notes, human)
 
 
-def _human_benchmark(dataset: str, root: Path, items: list[Item], thresholds: tuple[float, ...],
-                     n_boot: int, framing: str, problems: list[Problem]) -> pl.DataFrame | None:
+def _human_benchmark(dataset: str, segmentations: dict[tuple[str, str], tuple[list[int], int, int]],
+                     items: list[Item], thresholds: tuple[float, ...], n_boot: int, framing: str,
+                     problems: list[Problem]) -> pl.DataFrame | None:
     """Radiologists' own segmentations scored as if they were maps, as the human row beside the model.
 
     A human segmentation whose size cannot be brought onto the truth's becomes a problem row, like the model's."""
-    from afloc_cli.benchmark.datasets.chexlocalize import read_human_benchmark
     from afloc_cli.benchmark.datasets.rle import decode_coco
 
-    segmentations = read_human_benchmark(root)
     if not segmentations:
         return None
     rows = []

@@ -166,30 +166,43 @@ class ChexlocalizeReader:
         return items, problems
 
 
-def read_human_benchmark(root: Path) -> dict[tuple[str, str], tuple[list[int], int, int]]:
+def read_human_benchmark(root: Path) -> tuple[dict[tuple[str, str], tuple[list[int], int, int]], list[Problem]]:
     """The radiologist benchmark `hb_segmentations_test.json` (same format as the truth), if shipped.
 
     Keyed by (image id, canonical category), as the truth items are, so a human
-    segmentation is scored with the very code that scores the model's maps.
+    segmentation is scored with the very code that scores the model's maps. Read
+    before localizing, so a malformed file stops the run before the long part; an
+    entry it cannot use is a problem row, never dropped silently.
     """
     seg_dir, _ = _layout(Path(root))
     path = seg_dir / "hb_segmentations_test.json"
     if not path.is_file():
-        return {}
+        return {}, []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as e:
         raise AflocError(f"not valid JSON ({e})", path=path) from None
+    if not isinstance(data, dict):
+        raise AflocError("expected an object {image_id: {task: RLE}}", path=path,
+                         hint="is this hb_segmentations_test.json as CheXlocalize ships it?")
+    file = str(path)
     out: dict[tuple[str, str], tuple[list[int], int, int]] = {}
+    problems: list[Problem] = []
     for image_id, tasks in data.items():
         if not isinstance(tasks, dict):
+            problems.append(Problem(file, None, f"{image_id}: expected an object {{task: RLE}}"))
             continue
         for task, rle in tasks.items():
             try:
                 h, w = (int(v) for v in rle["size"])
                 counts = coco_counts(rle["counts"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError) as e:
+                problems.append(Problem(file, None, f"{image_id}/{task}: human segmentation not a COCO RLE "
+                                                    f"({type(e).__name__}: {e})"))
                 continue
-            if sum(counts) == h * w:
-                out[(str(image_id).strip(), CANONICAL.get(str(task).strip(), str(task).strip()))] = (counts, h, w)
-    return out
+            if sum(counts) != h * w:
+                problems.append(Problem(file, None, f"{image_id}/{task}: human segmentation covers {sum(counts)} "
+                                                    f"pixels, its size {h}x{w} has {h * w}"))
+                continue
+            out[(str(image_id).strip(), CANONICAL.get(str(task).strip(), str(task).strip()))] = (counts, h, w)
+    return out, problems
