@@ -225,13 +225,16 @@ def test_ms_cxr_coco_json(tmp_path: Path) -> None:
             {"id": 10, "image_id": 1, "category_id": 3, "bbox": [30, 5, 10, 20], "label_text": "opacity"},
             {"id": 11, "image_id": 1, "category_id": 3, "bbox": [2, 30, 4, 5], "label_text": "Opacity"},
             {"id": 12, "image_id": 9, "category_id": 3, "bbox": [2, 30, 4, 5], "label_text": "orphan"},
+            "not an annotation",
+            {"id": 14, "image_id": [1], "category_id": 3, "bbox": 7, "label_text": "odd"},
         ],
     }
     write_text(ann / "MS_CXR_Local_Alignment_v1.0.0.json", json.dumps(coco))
     items, problems = read_dataset("ms-cxr", ann)
     assert len(items) == 1 and items[0].boxes == (Box(30, 5, 10, 20), Box(2, 30, 4, 5))
     assert items[0].image_id == "aaa" and items[0].truth_mask()[5:25, 30:40].all()
-    assert len(problems) == 1 and "annotation 12" in problems[0].reason
+    assert len(problems) == 3 and "annotation 12" in problems[0].reason
+    assert "annotations[3]: expected an object" in problems[1].reason and "annotation 14" in problems[2].reason
 
 
 # ---------------------------------------------------------------- RSNA

@@ -114,13 +114,18 @@ def parse_json_rows(json_path: Path) -> tuple[list[BoxRow], list[Problem], bool]
     rows: list[BoxRow] = []
     problems: list[Problem] = []
     has_split = False
-    for ann in annotations:
+    for n, ann in enumerate(annotations):
+        if not isinstance(ann, dict):  # a problem row like any other unusable annotation, not a traceback
+            problems.append(Problem(file, None, f"annotations[{n}]: expected an object, found {type(ann).__name__}"))
+            continue
         ann_id = ann.get("id")
-        img = images.get(ann.get("image_id"))
+        image_id = ann.get("image_id")
+        img = images.get(image_id) if isinstance(image_id, int | str) else None
         if img is None:
             problems.append(Problem(file, None, f"annotation {ann_id}: unknown image_id {ann.get('image_id')}"))
             continue
-        bbox = ann.get("bbox") or []
+        bbox = ann.get("bbox")
+        bbox = bbox if isinstance(bbox, list) else []
         coords = [parse_float(str(v)) for v in bbox] if len(bbox) == 4 else [None] * 4
         size = [parse_float(str(img.get("width", ""))), parse_float(str(img.get("height", "")))]
         label_text = str(ann.get("label_text", "")).strip()
