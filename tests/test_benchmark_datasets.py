@@ -208,7 +208,7 @@ def test_ms_cxr_v100_has_no_split_and_accepts_mimic_root(tmp_path: Path) -> None
     ann, mimic = _ms_cxr_tree(tmp_path)
     elsewhere = tmp_path / "annotations"
     write_text(elsewhere / "MS_CXR_Local_Alignment_v1.0.0.csv", _ms_cxr_rows(split=False))
-    with pytest.raises(AflocError, match="MIMIC-CXR-JPG"):
+    with pytest.raises(AflocError, match="MIMIC-CXR-JPG.*with --mimic-root"):  # the CLI option, not a keyword
         read_dataset("ms-cxr", elsewhere)
     items, problems = read_dataset("ms-cxr", elsewhere, mimic_root=mimic)
     assert len(items) == 3 and all(it.split is None for it in items) and len(problems) == 2
@@ -283,8 +283,9 @@ def test_rsna_medklip_test_list(tmp_path: Path) -> None:
     # the list itself as root: images found beside it or one folder up
     again, _ = read_dataset("rsna", test_list)
     assert {it.item_id for it in again} == {"p1", "p2"}
-    with pytest.raises(AflocError, match="MedKLIP's test list"):
+    with pytest.raises(AflocError, match="MedKLIP's test list") as refused:
         read_dataset("rsna", tmp_path, split="test")
+    assert "as --root" in str(refused.value) and "test_list=" not in str(refused.value)  # the CLI's words
     with pytest.raises(AflocError, match="takes no option mimic_root"):
         read_dataset("rsna", tmp_path, mimic_root=tmp_path)
 

@@ -270,7 +270,7 @@ def find_mimic_root(annotation_dir: Path, explicit: Path | None, sample: str | N
     raise AflocError(
         "expected MIMIC-CXR-JPG 2.0.0 (a folder with files/p10/...) beside the MS-CXR annotation",
         path=annotation_dir,
-        hint=f"pass mimic_root=<folder>, or download it from {MIMIC_URL}",
+        hint=f"give its folder with --mimic-root, or download it from {MIMIC_URL}",
     )
 
 

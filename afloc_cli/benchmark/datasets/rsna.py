@@ -98,7 +98,8 @@ class RsnaReader:
             raise AflocError(
                 "expected MedKLIP's test list (a CSV with ID,img_path,boxes,classes) for split 'test'",
                 path=root,
-                hint="pass test_list=<file>; it comes from https://github.com/MediaBrain-SJTU/MedKLIP",
+                hint="give the list CSV itself as --root, or put it in the --root folder (any *.csv with those "
+                     "columns is found); it comes from https://github.com/MediaBrain-SJTU/MedKLIP",
             )
         check_split(self.name, split, [])
         if not labels.is_file():
