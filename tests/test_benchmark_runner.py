@@ -568,3 +568,24 @@ def test_a_malformed_human_benchmark_stops_before_localizing_and_bad_entries_are
     assert result.human is not None and result.problems == 1
     listed = pl.read_csv(tmp_path / "out/problems.csv")
     assert listed["file"][0].endswith("hb_segmentations_test.json") and "Edema" in listed["reason"][0]
+
+
+def test_heatmaps_match_images_by_resolved_path(tmp_path, monkeypatch):
+    """A file localized with relative paths scores a benchmark whose --root is absolute, and the reverse."""
+    from PIL import Image
+
+    box = (300, 400, 200, 160)
+    frame = Letterbox.for_shape(1024, 1024, 224).boxes_to_frame_mask([box])
+    root = tmp_path / "nih"
+    image = root / "images/00000001_000.png"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
+    (root / "BBox_List_2017.csv").write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
+                                             f"00000001_000.png,Mass,{','.join(map(str, box))},,,\n")
+    monkeypatch.chdir(tmp_path)
+    _frame_map_file(tmp_path / "rel.h5", [Path("nih/images/00000001_000.png")], "Findings suggesting mass.", frame)
+    absolute = run_benchmark("nih-bbox", root, tmp_path / "a", heatmaps=tmp_path / "rel.h5", n_boot=0)
+    assert _metrics(absolute)["pointing"] == 1.0
+    _frame_map_file(tmp_path / "abs.h5", [image], "Findings suggesting mass.", frame)
+    relative = run_benchmark("nih-bbox", Path("nih"), tmp_path / "b", heatmaps=tmp_path / "abs.h5", n_boot=0)
+    assert _metrics(relative) == _metrics(absolute)

@@ -77,6 +77,11 @@ class BenchmarkResult:
     human: pl.DataFrame | None = None  # CheXlocalize's radiologist benchmark, scored the same way
 
 
+def _same_file(path: str | Path) -> str:
+    """The path as the OS resolves it (from the current folder), so two spellings of one image compare equal."""
+    return str(Path(path).resolve())
+
+
 def _annotation_hashes(root: Path) -> dict[str, str]:
     """sha256 of the annotation files at the dataset root (CSV/JSON), so a table names its exact inputs."""
     files = sorted(p for p in (root.rglob("*") if root.is_dir() else [root])
@@ -256,7 +261,8 @@ def run_benchmark(
         preprocessing = json.loads(str(hf.attrs.get("preprocessing", "{}")))
         model_config = json.loads(str(hf.attrs.get("model_config", "{}")))
         sigma, margin = float(hm_cfg.get("sigma", 1.5)), int(hm_cfg.get("nan_margin", 0))
-        file_rows = {path: i for i, path in enumerate(hf.paths)}
+        # By resolved path: a file localized as nih/images/x.png serves --root /data/nih and the reverse.
+        file_rows = {_same_file(path): i for i, path in enumerate(hf.paths)}
         file_prompts = {p: j for j, p in enumerate(hf.prompts)}
         missing_prompts = sorted({it.prompt for it in items if it.positive} - set(file_prompts))
         if missing_prompts:
@@ -279,7 +285,7 @@ def run_benchmark(
                 notes.append(f"zero-shot AUROC skipped: the heat-map file lacks the template prompts "
                              f"({' and '.join(kinds)} per category)")
             elif absent := sum(1 for p in {str(it.image_path) for it in items if not it.positive}
-                               if p not in file_rows):
+                               if _same_file(p) not in file_rows):
                 has_negatives = False
                 notes.append(f"zero-shot AUROC skipped: the heat-map file lacks {absent} of the images without "
                              "a finding (localized for the positives only?)")
@@ -294,7 +300,7 @@ def run_benchmark(
         for it in items:
             if not it.positive and not has_negatives:
                 continue
-            i = file_rows.get(str(it.image_path))
+            i = file_rows.get(_same_file(it.image_path))
             if i is None:
                 raise AflocError(f"the heat-map file has no map for {it.image_path}", path=heatmaps)
             record = records[i]
