@@ -589,3 +589,36 @@ def test_heatmaps_match_images_by_resolved_path(tmp_path, monkeypatch):
     _frame_map_file(tmp_path / "abs.h5", [image], "Findings suggesting mass.", frame)
     relative = run_benchmark("nih-bbox", Path("nih"), tmp_path / "b", heatmaps=tmp_path / "abs.h5", n_boot=0)
     assert _metrics(relative) == _metrics(absolute)
+
+
+@pytest.mark.parametrize("readout", ["reference", "contrast"])
+def test_one_prompt_per_finding_in_the_heatmap_file(tmp_path, readout):
+    """The readers' prompts and the zero-shot / contrast template prompts are spelt alike: one finding, one prompt.
+
+    Readers lower-case the finding ('Findings suggesting cardiomegaly.'); the template prompts kept CheXlocalize's
+    case, so every category was localized twice and `export --chexlocalize` refused the benchmark's own file.
+    """
+    from PIL import Image
+
+    from afloc_cli.benchmark.datasets.rle import encode_coco
+
+    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(image)
+    truth = np.zeros((40, 30), bool)
+    truth[5:25, 3:20] = True
+    (tmp_path / "CheXlocalize").mkdir()
+    (tmp_path / "CheXlocalize/gt_segmentations_test.json").write_text(json.dumps(
+        {"patient1_study1_view1_frontal": {"Cardiomegaly": {"size": [40, 30], "counts": encode_coco(truth)}}}))
+    calls = []
+
+    def localize(paths, prompts, wanted, h5):
+        calls.append(list(prompts))
+        raise AflocError("stop after the prompts are chosen")
+
+    with pytest.raises(AflocError, match="stop after"):
+        run_benchmark("chexlocalize", tmp_path, tmp_path / "out", localize=localize, n_boot=0, split="test",
+                      readout=readout)
+    (prompts,) = calls
+    assert "Findings suggesting cardiomegaly." in prompts
+    assert len({p.lower() for p in prompts}) == len(prompts)

@@ -43,7 +43,10 @@ def load_class_prompts(path: Path) -> dict[str, list[str]]:
 
 def resolve_class_prompts(given: dict[str, list[str]] | None, categories: list[str], template: str,
                           source: str = "--class-prompts") -> dict[str, list[str]]:
-    """Every category's prompts: the given ones, else the template alone (the benchmark's default)."""
+    """Every category's prompts: the given ones, else the template alone (the benchmark's default), spelt as the
+    dataset readers spell their prompts (`fill_prompt`), so one finding is one prompt in the heat-map file."""
+    from afloc_cli.benchmark.datasets.base import fill_prompt
+
     given = given or {}
     by_key = {c.lower(): c for c in categories}
     unknown = sorted(c for c in given if c.lower() not in by_key)
@@ -51,7 +54,7 @@ def resolve_class_prompts(given: dict[str, list[str]] | None, categories: list[s
         raise AflocError(f"{source} names categories this dataset does not have: {', '.join(map(repr, unknown))}",
                          hint=f"its categories are {', '.join(map(repr, categories))}")
     matched = {by_key[c.lower()]: prompts for c, prompts in given.items()}
-    return {c: list(matched.get(c, [template.format(category=c)])) for c in categories}
+    return {c: list(matched.get(c, [fill_prompt(template, c)])) for c in categories}
 
 
 def class_cosines(scores: np.ndarray, embeddings: np.ndarray | None, ensembles: dict[str, list[str]],

@@ -25,7 +25,7 @@ import torch
 from afloc_cli import __version__
 from afloc_cli.benchmark.class_prompts import class_cosines, presence_scores, resolve_class_prompts
 from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
-from afloc_cli.benchmark.datasets.base import Item, Problem
+from afloc_cli.benchmark.datasets.base import Item, Problem, fill_prompt
 from afloc_cli.benchmark.metrics import (
     DEFAULT_THRESHOLDS,
     PROTOCOL,
@@ -95,7 +95,7 @@ def select_items(items: list[Item], prompt_source: str, template: str, limit: in
 
     ordered = sorted(items, key=lambda it: (str(it.image_path), it.category, it.prompt, it.item_id))
     if prompt_source == "template":
-        ordered = [replace(it, prompt=template.format(category=it.category)) for it in ordered]
+        ordered = [replace(it, prompt=fill_prompt(template, it.category)) for it in ordered]
     elif prompt_source != "phrase":
         raise AflocError(f"--prompt-source must be phrase or template, not {prompt_source!r}")
     if limit is not None:
@@ -228,7 +228,7 @@ def run_benchmark(
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
     for c in categories:  # every readout's prompts, so one file serves both (the demo scores it twice)
-        wanted_prompts = [prompt_template.format(category=c)] if has_negatives or readout == "contrast" else []
+        wanted_prompts = [fill_prompt(prompt_template, c)] if has_negatives or readout == "contrast" else []
         if has_negatives:
             wanted_prompts += [*ensembles[c], negatives[c]]
         for p in wanted_prompts:
@@ -242,7 +242,7 @@ def run_benchmark(
             wanted[path_index[str(it.image_path)], prompt_index[it.prompt]] = True
             if readout == "contrast":  # the contrast set of every positive image
                 for c in categories:
-                    wanted[path_index[str(it.image_path)], prompt_index[prompt_template.format(category=c)]] = True
+                    wanted[path_index[str(it.image_path)], prompt_index[fill_prompt(prompt_template, c)]] = True
     checkpoint_sha = None
     if heatmaps is None:
         if localize is None:
@@ -440,7 +440,7 @@ def _contrast_raw(hf: HeatmapFile, i: int, it: Item, categories: list[str], file
     The item's own category template is left out of the set: it names the same finding, and subtracting it
     would cancel the very signal the item is scored on.
     """
-    others = [prompt_template.format(category=c) for c in categories if c != it.category]
+    others = [fill_prompt(prompt_template, c) for c in categories if c != it.category]
     others = [p for p in others if p != it.prompt]  # non-empty: run_benchmark checked for two categories
     missing_prompts = [p for p in others if p not in file_prompts]
     if missing_prompts:
