@@ -69,7 +69,7 @@ def test_loading_and_resolving_refuse_what_would_silently_fall_back(tmp_path: Pa
     loaded = load_class_prompts(path)
     assert loaded == {"pneumothorax": ["There is a pneumothorax."], "Cardiomegaly": ["The heart is enlarged."]}
     resolved = resolve_class_prompts(loaded, ["Cardiomegaly", "Nodule", "Pneumothorax"], "Findings of {category}.")
-    assert resolved == {"Cardiomegaly": ["The heart is enlarged."], "Nodule": ["Findings of Nodule."],
+    assert resolved == {"Cardiomegaly": ["The heart is enlarged."], "Nodule": ["Findings of nodule."],
                         "Pneumothorax": ["There is a pneumothorax."]}
     with pytest.raises(AflocError, match="does not have: 'Pneumothorx'"):
         resolve_class_prompts({"Pneumothorx": ["x y"]}, ["Pneumothorax"], "{category}")
@@ -142,7 +142,7 @@ def test_benchmark_scores_the_averaged_class_prompts(corpus: Path, tmp_path: Pat
         protocol = json.loads((tmp_path / f"e-{readout}" / "protocol.json").read_text())
         assert protocol["class_prompts"] == ensembles and "averaged" in protocol["zero_shot"]
         assert json.loads((tmp_path / f"t-{readout}" / "protocol.json").read_text())["class_prompts"] == {
-            c: [f"Findings suggesting {c}."] for c in categories}
+            c: [f"Findings suggesting {c.lower()}."] for c in categories}  # the readers' spelling
     # One member alone carries noise the other cancels: the average is what sees the truth.
     single = {c: [members[0]] for c, members in ensembles.items()}
     one = run_benchmark("synthetic", corpus, tmp_path / "one", heatmaps=tmp_path / "maps.h5", split="test",

@@ -89,6 +89,26 @@ def _annotation_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root) if root.is_dir() else p.name): sha256_file(p) for p in files[:50]}
 
 
+class PromptIndex(dict):
+    """Prompt -> its column in a heat-map file, matched without regard to case.
+
+    The text model sees every prompt lower-cased, so 'Findings suggesting Atelectasis.' (how files written before
+    the template prompts took the readers' spelling name them) is the same prompt as 'Findings suggesting
+    atelectasis.'; the first column of a spelling wins.
+    """
+
+    def __init__(self, prompts: list[str]) -> None:
+        super().__init__()
+        for j, prompt in enumerate(prompts):
+            self.setdefault(prompt.casefold(), j)
+
+    def __contains__(self, prompt: object) -> bool:
+        return isinstance(prompt, str) and super().__contains__(prompt.casefold())
+
+    def __getitem__(self, prompt: str) -> int:
+        return super().__getitem__(prompt.casefold())
+
+
 def select_items(items: list[Item], prompt_source: str, template: str, limit: int | None) -> list[Item]:
     """Items in a fixed order; `template` prompts replace phrases when asked; `limit` keeps the first N images."""
     from dataclasses import replace
@@ -263,8 +283,8 @@ def run_benchmark(
         sigma, margin = float(hm_cfg.get("sigma", 1.5)), int(hm_cfg.get("nan_margin", 0))
         # By resolved path: a file localized as nih/images/x.png serves --root /data/nih and the reverse.
         file_rows = {_same_file(path): i for i, path in enumerate(hf.paths)}
-        file_prompts = {p: j for j, p in enumerate(hf.prompts)}
-        missing_prompts = sorted({it.prompt for it in items if it.positive} - set(file_prompts))
+        file_prompts = PromptIndex(hf.prompts)
+        missing_prompts = sorted({it.prompt for it in items if it.positive and it.prompt not in file_prompts})
         if missing_prompts:
             raise AflocError(f"the heat-map file lacks {len(missing_prompts)} prompts, e.g. {missing_prompts[0]!r}",
                              path=heatmaps)
