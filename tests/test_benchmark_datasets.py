@@ -344,6 +344,16 @@ def test_chexlocalize_first_release_and_pointing_at_the_json_folder(tmp_path: Pa
     assert problems == [] and {it.image_path.parent.parent.parent.name for it in items} == {"val"}
 
 
+def test_annotation_json_with_a_stray_byte_is_read(tmp_path: Path) -> None:
+    """CheXlocalize's and MS-CXR's JSON are read as leniently as the CSVs: a bad byte is no traceback."""
+    write_image(tmp_path / "CheXpert/val/patient64541/study1/view1_frontal.jpg", 4, 3)
+    raw = b'{"patient64541_study1_view1_frontal": {"Cardiomegaly\xe9": {"size": [4, 3], "counts": [0, 12]}}}'
+    (tmp_path / "CheXlocalize").mkdir()
+    (tmp_path / "CheXlocalize/gt_segmentations_val.json").write_bytes(raw)
+    items, _ = read_dataset("chexlocalize", tmp_path)
+    assert any(it.category == "Cardiomegaly\ufffd" for it in items)
+
+
 # ---------------------------------------------------------------- COVID Rural
 
 

@@ -622,3 +622,15 @@ def test_one_prompt_per_finding_in_the_heatmap_file(tmp_path, readout):
     (prompts,) = calls
     assert "Findings suggesting cardiomegaly." in prompts
     assert len({p.lower() for p in prompts}) == len(prompts)
+
+
+def test_nothing_to_score_says_why(tmp_path):
+    """Every row a problem: the stop names one of them (problems.csv is written only by a run that succeeds)."""
+    from dicom_factory import write_dicom  # tests/ is on sys.path under pytest
+
+    (tmp_path / "stage_2_train_images").mkdir()
+    write_dicom(tmp_path / "stage_2_train_images" / "p1.dcm", np.full((32, 32), 100, np.uint16))
+    (tmp_path / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\np9,1,2,3,4,1\n")
+    with pytest.raises(AflocError, match="no items to score") as caught:
+        run_benchmark("rsna", tmp_path, tmp_path / "out", localize=lambda *a: None, n_boot=0)
+    assert "image not found" in str(caught.value.hint)

@@ -310,6 +310,23 @@ def test_resume_refuses_changed_run(tmp_path: Path) -> None:
         small_writer(out, resume=True, prompts=["b", "a"])
 
 
+def test_a_run_begun_before_inputs_sha256_still_resumes(tmp_path: Path) -> None:
+    """Files of an afloc that did not record the input list's hash resume under one that does; two hashes that
+    differ still refuse (the run's files changed between the runs)."""
+    out = tmp_path / "x.h5"
+    w = small_writer(out)  # the older writer: no inputs_sha256
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    w.close()
+    w2 = small_writer(out, resume=True, attrs={**ATTRS, "inputs_sha256": "ab" * 32})
+    assert w2.done_indices() == {0}
+    w2.close()
+    hashed = tmp_path / "y.h5"
+    w = small_writer(hashed, attrs={**ATTRS, "inputs_sha256": "ab" * 32})
+    w.close()
+    with pytest.raises(AflocError, match="input list"):
+        small_writer(hashed, resume=True, attrs={**ATTRS, "inputs_sha256": "cd" * 32})
+
+
 # ---------------------------------------------------------------------------------------------
 # Crash safety: SIGKILL a writing child at chosen moments, resume, compare with the reference.
 @pytest.mark.parametrize(

@@ -108,6 +108,9 @@ class PromptIndex(dict):
     def __getitem__(self, prompt: str) -> int:
         return super().__getitem__(prompt.casefold())
 
+    def get(self, prompt: str, default: int | None = None) -> int | None:  # type: ignore[override]
+        return super().get(prompt.casefold(), default)
+
 
 def select_items(items: list[Item], prompt_source: str, template: str, limit: int | None) -> list[Item]:
     """Items in a fixed order; `template` prompts replace phrases when asked; `limit` keeps the first N images."""
@@ -235,7 +238,9 @@ def run_benchmark(
         problems += human_problems
     items = fill_sizes(select_items(items, prompt_source, prompt_template, limit), problems)
     if not items:
-        raise AflocError(f"no items to score in {dataset} (split {split})", path=root)
+        raise AflocError(f"no items to score in {dataset} (split {split})", path=root,
+                         hint=f"{len(problems)} rows or images could not be used, e.g. {problems[0]}" if problems
+                         else None)
     has_negatives = any(not it.positive for it in items)
     categories = sorted({it.category for it in items})
     if readout == "contrast" and len(categories) < 2:  # before any localization: maps and AUROC alike need it
@@ -243,7 +248,7 @@ def run_benchmark(
                          f"one category ({categories[0]!r}): use --readout reference", path=root)
 
     ensembles = resolve_class_prompts(class_prompts, categories, prompt_template)
-    negatives = {c: NEGATIVE_TEMPLATE.format(category=c.lower()) for c in categories}
+    negatives = {c: fill_prompt(NEGATIVE_TEMPLATE, c) for c in categories}
 
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
@@ -377,7 +382,7 @@ def run_benchmark(
     per_category, summary = summarize(per_item, n_boot=n_boot)
     human = None
     if dataset == "chexlocalize":  # the model's own scored items, so the two rows compare like with like
-        kept = [it for it in items if it.item_id not in unscored]
+        kept = [it for it in items if it.item_id not in unscored and str(it.image_path) not in unread]
         human = _human_benchmark(dataset, segmentations, kept, thresholds, n_boot, framing, problems)
     if human is not None:
         notes.append("CheXlocalize human benchmark (hb_segmentations_test.json) scored with the same code: "

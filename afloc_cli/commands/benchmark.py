@@ -24,7 +24,9 @@ DATASETS = "ms-cxr, rsna, chexlocalize, covid-rural, siim, nih-bbox, vindr, synt
 # Which benchmark options change what the heat-map store compares when a rerun would reuse OUT/heatmaps.h5.
 BECAUSE = {
     "input paths": "another --root, --split or --limit",
-    "prompts": "another --prompt-template, --prompt-source, --class-prompts or --readout",
+    "prompts": "another --prompt-template, --prompt-source, --class-prompts or --readout, or a folder benchmarked "
+    "by an afloc before 2026-12-03, which spelt the template prompts with the finding's capitals (its heat maps "
+    "still score with --heatmaps)",
     "checkpoint (checkpoint_sha256)": "another --checkpoint",
 }
 

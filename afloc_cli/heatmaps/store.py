@@ -50,6 +50,8 @@ AttrValue = str | int | float
 _STORE_ATTRS = ("schema_version", "grid", "n_images", "n_prompts", "created")
 # Attributes that describe one file rather than the run, so a merge or a resume may differ in them.
 _PER_FILE_ATTRS = ("created", "n_images")
+# Attributes afloc began to write later: compared only when both files have them.
+_OPTIONAL_ATTRS = frozenset({"inputs_sha256"})
 # Per-image integer columns, in file order; `lb_*` hold the letterbox geometry.
 _LB_KEYS = ("size", "resized_height", "resized_width", "pad_top", "pad_left")
 _INT_COLUMNS = ("index", "height", "width", *(f"lb_{k}" for k in _LB_KEYS))
@@ -176,6 +178,8 @@ class _Header:
         theirs = {k: v for k, v in other.attrs.items() if k not in _PER_FILE_ATTRS}
         keys = sorted(set(mine) | set(theirs), key=lambda k: (k != "checkpoint_sha256", k))
         for key in keys:
+            if key in _OPTIONAL_ATTRS and (key not in mine or key not in theirs):
+                continue  # written by newer afloc only: a run begun before it still resumes and merges
             if key not in mine or key not in theirs or not _same_value(mine[key], theirs[key]):
                 return _WHAT_DIFFERS.get(key, f"attribute {key!r}")
         return None

@@ -98,7 +98,7 @@ class ChexlocalizeReader:
         if not json_path.is_file():
             raise missing(f"CheXlocalize/gt_segmentations_{split}.json", root, self.published_at)
         try:
-            data = json.loads(json_path.read_text(encoding="utf-8"))
+            data = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))
         except json.JSONDecodeError as e:
             raise AflocError(f"not valid JSON ({e})", path=json_path) from None
         if not isinstance(data, dict):

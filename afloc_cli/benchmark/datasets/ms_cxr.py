@@ -105,7 +105,7 @@ def parse_json_rows(json_path: Path) -> tuple[list[BoxRow], list[Problem], bool]
     """Rows of the MS-CXR COCO JSON (images with path/width/height, annotations with bbox and label_text)."""
     file = str(json_path)
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))
         images = {img["id"]: img for img in data["images"]}
         categories = {cat["id"]: cat["name"] for cat in data["categories"]}
         annotations = data["annotations"]
