@@ -99,19 +99,24 @@ def test_benchmark_usage_errors(corpus, tmp_path):
                 "--out", str(tmp_path / "o")]) == 2
 
 
-def test_chexlocalize_human_benchmark_row(tmp_path):
-    """hb_segmentations_test.json is scored with the same code: a human mask equal to the truth gives IoU 1."""
+def _chexlocalize_image(root: Path) -> tuple[Path, np.ndarray, dict]:
+    """One 40x30 CheXlocalize test image under root, a truth mask on it and that mask's COCO RLE."""
     from PIL import Image
 
     from afloc_cli.benchmark.datasets.rle import encode_coco
 
-    h, w = 40, 30
-    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
+    image = root / "CheXpert/test/patient1/study1/view1_frontal.jpg"
     image.parent.mkdir(parents=True)
-    Image.fromarray(np.full((h, w), 90, np.uint8)).save(image)
-    truth = np.zeros((h, w), bool)
+    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(image)
+    truth = np.zeros((40, 30), bool)
     truth[5:25, 3:20] = True
-    rle = {"size": [h, w], "counts": encode_coco(truth)}
+    return image, truth, {"size": [40, 30], "counts": encode_coco(truth)}
+
+
+def test_chexlocalize_human_benchmark_row(tmp_path):
+    """hb_segmentations_test.json is scored with the same code: a human mask equal to the truth gives IoU 1."""
+    image, truth, rle = _chexlocalize_image(tmp_path)
+    h, w = truth.shape
     (tmp_path / "CheXlocalize").mkdir()
     for name in ("gt_segmentations_test.json", "hb_segmentations_test.json"):
         (tmp_path / "CheXlocalize" / name).write_text(json.dumps({"patient1_study1_view1_frontal":
@@ -538,17 +543,8 @@ def test_out_that_is_a_file_is_a_one_line_error(corpus, tmp_path, capsys):
 def test_a_malformed_human_benchmark_stops_before_localizing_and_bad_entries_are_problems(tmp_path):
     """hb_segmentations_test.json that is not an object: one-line error before any localization; a human RLE
     that cannot be decoded: a problem row, not silently dropped."""
-    from PIL import Image
-
-    from afloc_cli.benchmark.datasets.rle import encode_coco
-
-    h, w = 40, 30
-    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
-    image.parent.mkdir(parents=True)
-    Image.fromarray(np.full((h, w), 90, np.uint8)).save(image)
-    truth = np.zeros((h, w), bool)
-    truth[5:25, 3:20] = True
-    rle = {"size": [h, w], "counts": encode_coco(truth)}
+    image, truth, rle = _chexlocalize_image(tmp_path)
+    h, w = truth.shape
     seg = tmp_path / "CheXlocalize"
     seg.mkdir()
     (seg / "gt_segmentations_test.json").write_text(json.dumps({"patient1_study1_view1_frontal":
@@ -598,18 +594,10 @@ def test_one_prompt_per_finding_in_the_heatmap_file(tmp_path, readout):
     Readers lower-case the finding ('Findings suggesting cardiomegaly.'); the template prompts kept CheXlocalize's
     case, so every category was localized twice and `export --chexlocalize` refused the benchmark's own file.
     """
-    from PIL import Image
-
-    from afloc_cli.benchmark.datasets.rle import encode_coco
-
-    image = tmp_path / "CheXpert/test/patient1/study1/view1_frontal.jpg"
-    image.parent.mkdir(parents=True)
-    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(image)
-    truth = np.zeros((40, 30), bool)
-    truth[5:25, 3:20] = True
+    _, _, rle = _chexlocalize_image(tmp_path)
     (tmp_path / "CheXlocalize").mkdir()
     (tmp_path / "CheXlocalize/gt_segmentations_test.json").write_text(json.dumps(
-        {"patient1_study1_view1_frontal": {"Cardiomegaly": {"size": [40, 30], "counts": encode_coco(truth)}}}))
+        {"patient1_study1_view1_frontal": {"Cardiomegaly": rle}}))
     calls = []
 
     def localize(paths, prompts, wanted, h5):
