@@ -10,7 +10,6 @@ speed.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from afloc_cli.atomic import write_atomic
 from afloc_cli.errors import AflocError
 from afloc_cli.image.inference_engine import prepare_image
 from afloc_cli.text.data.sentences import PreparedText, sample_report, split_sentences
@@ -51,9 +51,7 @@ RECORD_COLUMNS = ("image", "report", "split", "problem")
 
 def _write_atomic(df: pl.DataFrame, path: Path) -> None:
     """A cache table is replaced whole or not at all, so a run killed while writing leaves the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    df.write_parquet(tmp) if path.suffix == ".parquet" else df.write_csv(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, df.write_parquet if path.suffix == ".parquet" else df.write_csv)
 
 
 def _records_frame(records: list[CorpusRecord]) -> pl.DataFrame:

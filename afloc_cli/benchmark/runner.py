@@ -11,7 +11,6 @@ the item is a problem row.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import polars as pl
 import torch
 
 from afloc_cli import __version__
+from afloc_cli.atomic import write_atomic
 from afloc_cli.benchmark.class_prompts import class_cosines, presence_scores, resolve_class_prompts
 from afloc_cli.benchmark.datasets import fill_sizes, read_dataset
 from afloc_cli.benchmark.datasets.base import Item, Problem, fill_prompt
@@ -489,9 +489,7 @@ def _write_tables(out: Path, per_item: pl.DataFrame, per_category: pl.DataFrame,
     never mixes two runs.
     """
     def atomic(name: str, write: Callable[[str], None]) -> None:
-        tmp = out / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, out / name)
+        write_atomic(out / name, lambda tmp: write(str(tmp)))
 
     def optional(name: str, table: pl.DataFrame | None) -> None:
         if table is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from afloc_cli import __version__
+from afloc_cli.atomic import write_atomic
 from afloc_cli.config import ModelConfig
 from afloc_cli.errors import CheckpointError
 from afloc_cli.image.model.encoder import ImageEncoder
@@ -65,18 +65,9 @@ def save_checkpoint(model: AflocModel, path: Path | str, provenance: dict[str, A
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=True)
     except OSError as exc:
         raise CheckpointError(f"cannot write here: {exc.strerror}", path=path.parent) from exc
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return sha256_file(path)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
 
+from afloc_cli.atomic import write_atomic
 from afloc_cli.errors import AflocError
 
 
@@ -30,19 +29,10 @@ def scores_command(
     output_folder(out.parent)  # before the table is computed, which takes minutes on a cohort
     with open_heatmaps(heatmaps) as hf:
         table = score_table(hf, threshold, readout)
-    tmp = ""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        if out.suffix == ".parquet":
-            table.write_parquet(tmp, statistics=False)
-        else:
-            table.write_csv(tmp)
-        os.replace(tmp, out)
+        write_atomic(out, (lambda tmp: table.write_parquet(tmp, statistics=False)) if out.suffix == ".parquet"
+                     else table.write_csv)
     except OSError as exc:
         raise AflocError(f"cannot write the table: {exc.strerror or exc}", path=out) from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
     summary = {"out": str(out), "rows": table.height, "failed_images": int((table["status"] != "ok").sum())}
     typer.echo(json.dumps(summary) if as_json else f"wrote {table.height} rows to {out}")

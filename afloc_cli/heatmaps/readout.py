@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from afloc_cli.atomic import write_atomic
 from afloc_cli.benchmark.datasets.chexlocalize import CANONICAL as CHEXLOCALIZE_CANONICAL
 from afloc_cli.benchmark.datasets.chexlocalize import TASKS as CHEXLOCALIZE_TASKS
 from afloc_cli.errors import AflocError
@@ -137,16 +138,17 @@ def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int
     return n
 
 
+def _save_npy(path: Path, heat: np.ndarray) -> None:
+    with path.open("wb") as f:  # a file object: np.save would add ".npy" to a temporary's name
+        np.save(f, heat.astype(np.float32))
+
+
 def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """float32 .npy maps at original size (raw similarity, or its contrast; NaN outside the image)."""
     output_folder(folder)
     n = 0
     for i, p, heat in iter_original_maps(hf, readout):
-        target = folder / _name(hf, i, p, ".npy")
-        tmp = target.with_suffix(".npy.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, heat.astype(np.float32))
-        tmp.replace(target)
+        write_atomic(folder / _name(hf, i, p, ".npy"), lambda tmp, heat=heat: _save_npy(tmp, heat))
         n += 1
     return n
 
@@ -234,11 +236,8 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
                 "cxr_img": pixels.unsqueeze(0).expand(3, -1, -1).clone(),
                 "cxr_dims": (record.width, record.height),
             }
-            target = folder / f"{image_id}_{task}_map.pkl"
-            tmp = target.with_suffix(".pkl.tmp")
-            with open(tmp, "wb") as f:
-                pickle.dump(blob, f)
-            tmp.replace(target)
+            data = pickle.dumps(blob)
+            write_atomic(folder / f"{image_id}_{task}_map.pkl", lambda tmp, data=data: tmp.write_bytes(data))
             n += 1
     return n
 

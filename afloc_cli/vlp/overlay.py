@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from afloc_cli.atomic import write_atomic
 
 
 def render_overlay(image_u8: np.ndarray, heat: np.ndarray, prompt: str, alpha: float = 0.45) -> np.ndarray:
@@ -40,11 +40,4 @@ def write_png(path: Path, image: np.ndarray) -> None:
     if not ok:
         raise OSError(f"cannot encode {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data.tobytes()))
