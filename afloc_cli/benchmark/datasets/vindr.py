@@ -76,7 +76,7 @@ class VindrReader:
         boxes: dict[str, dict[str, list[Box]]] = {}  # image -> class -> boxes, in file order
         first_line: dict[str, int] = {}
         classes: dict[str, None] = {}
-        unusable: dict[tuple[str, str], int] = {}  # (image, class) -> first line of a box row that could not be used
+        unusable: dict[tuple[str, str], int] = {}  # (image, class) -> index in problems of its first unusable box row
         problems: list[Problem] = []
         for line, fields in table.rows:
             image_id = field_of(fields, col["image_id"])
@@ -95,12 +95,12 @@ class VindrReader:
             coords = [parse_float(v) for v in raw]
             if any(c is None for c in coords):
                 problems.append(Problem(file, line, f"{class_name} needs x_min, y_min, x_max, y_max numbers"))
-                unusable.setdefault((image_id, class_name), line)
+                unusable.setdefault((image_id, class_name), len(problems) - 1)
                 continue
             x0, y0, x1, y1 = (float(c) for c in coords)  # type: ignore[arg-type]
             if x1 <= x0 or y1 <= y0:
                 problems.append(Problem(file, line, f"box has no area ({x0}, {y0}, {x1}, {y1})"))
-                unusable.setdefault((image_id, class_name), line)
+                unusable.setdefault((image_id, class_name), len(problems) - 1)
                 continue
             boxes.setdefault(image_id, {}).setdefault(class_name, []).append(Box.from_corners(x0, y0, x1, y1))
             first_line.setdefault(image_id, line)
@@ -115,9 +115,11 @@ class VindrReader:
                 found = by_class.get(class_name)
                 if not found and (image_id, class_name) in unusable:
                     # A radiologist marked the finding but the box is unusable: not a negative, and no truth.
-                    problems.append(Problem(file, unusable[(image_id, class_name)],
-                                            f"{image_id}/{class_name} left out: its only box rows are unusable, so "
-                                            "it is neither a positive nor a negative"))
+                    # Said on that row's own problem, so one bad line counts once.
+                    k = unusable[(image_id, class_name)]
+                    problems[k] = Problem(problems[k].file, problems[k].row,
+                                          f"{problems[k].reason}; {image_id}/{class_name} is left out: its only box "
+                                          "rows are unusable, so it is neither a positive nor a negative")
                     continue
                 if not found and not negatives:
                     continue
