@@ -107,6 +107,11 @@ def read_table(path: Path) -> pl.DataFrame:
             df = pl.read_csv(path, infer_schema_length=0, glob=False, encoding="utf8-lossy")
     except Exception as exc:  # noqa: BLE001
         raise AflocError(f"cannot read table: {exc}", path=path) from exc
+    return _stripped(df)
+
+
+def _stripped(df: pl.DataFrame) -> pl.DataFrame:
+    """Headers and text fields without the spaces around them (DATASETS.md: strip every header and field)."""
     df = df.rename({c: c.strip() for c in df.columns})
     return df.with_columns(pl.col(c).str.strip_chars() for c, t in df.schema.items() if t == pl.String)
 
@@ -213,9 +218,7 @@ def read_mimic(root: Path, reports_root: Path | None = None) -> list[CorpusRecor
 
 def _read_table_gz(path: Path) -> pl.DataFrame:
     with gzip.open(path, "rb") as f:
-        df = pl.read_csv(f.read(), infer_schema_length=0)
-    df = df.rename({c: c.strip() for c in df.columns})
-    return df.with_columns(pl.col(c).str.strip_chars() for c in df.columns)
+        return _stripped(pl.read_csv(f.read(), infer_schema_length=0))
 
 
 def read_corpus(path: Path, reports_root: Path | None = None) -> list[CorpusRecord]:

@@ -288,6 +288,7 @@ def run_benchmark(
         sigma, margin = float(hm_cfg.get("sigma", 1.5)), int(hm_cfg.get("nan_margin", 0))
         # By resolved path: a file localized as nih/images/x.png serves --root /data/nih and the reverse.
         file_rows = {_same_file(path): i for i, path in enumerate(hf.paths)}
+        row_of = {p: file_rows.get(_same_file(p)) for p in paths}  # once per image, not per item
         file_prompts = PromptIndex(hf.prompts)
         missing_prompts = sorted({it.prompt for it in items if it.positive and it.prompt not in file_prompts})
         if missing_prompts:
@@ -310,7 +311,7 @@ def run_benchmark(
                 notes.append(f"zero-shot AUROC skipped: the heat-map file lacks the template prompts "
                              f"({' and '.join(kinds)} per category)")
             elif absent := sum(1 for p in {str(it.image_path) for it in items if not it.positive}
-                               if _same_file(p) not in file_rows):
+                               if row_of[p] is None):
                 has_negatives = False
                 notes.append(f"zero-shot AUROC skipped: the heat-map file lacks {absent} of the images without "
                              "a finding (localized for the positives only?)")
@@ -325,7 +326,7 @@ def run_benchmark(
         for it in items:
             if not it.positive and not has_negatives:
                 continue
-            i = file_rows.get(_same_file(it.image_path))
+            i = row_of[str(it.image_path)]
             if i is None:
                 raise AflocError(f"the heat-map file has no map for {it.image_path}", path=heatmaps)
             record = records[i]

@@ -204,10 +204,11 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         raise AflocError(f"several prompts name the cheXlocalize task {twice[0]!r}, and it reads one map per image "
                          "and task: export a file with one prompt per task", path=hf.path)
     ids: dict[str, str] = {}  # one pickle per id and task: two images with one id would overwrite each other
+    id_of: dict[str, str] = {}
     for record in hf.records():
         if record.status != "ok":
             continue
-        image_id = chexlocalize_id(record.path)
+        image_id = id_of[record.path] = chexlocalize_id(record.path)
         if ids.setdefault(image_id, record.path) != record.path:
             raise AflocError(f"{ids[image_id]} and {record.path} get the same cheXlocalize image id {image_id!r} "
                              "(the last three path parts), so one's maps would overwrite the other's", path=hf.path,
@@ -220,7 +221,7 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
         if record.status != "ok":
             continue
         path = Path(record.path)
-        image_id = chexlocalize_id(record.path)
+        image_id = id_of[record.path]
         pixels = torch.from_numpy(read_image(path).pixels)
         lb = Letterbox(**record.letterbox)
         maps = frame_maps(_read_maps(hf.maps(i), readout), lb.size, sigma)[(..., *lb.image_region)]

@@ -48,6 +48,23 @@ def _zeros(height: int, width: int) -> np.ndarray:
 CHEXPERT_NAMES = ("CheXpert", "CheXpert-v1.0")
 
 
+def _segmentations(path: Path, hint: str | None = None) -> dict:
+    """A segmentation JSON ({image_id: {task: RLE}}), read as leniently as the CSVs: a stray byte is no traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        raise AflocError(f"not valid JSON ({e})", path=path) from None
+    if not isinstance(data, dict):
+        raise AflocError("expected an object {image_id: {task: RLE}}", path=path, hint=hint)
+    return data
+
+
+def _rle(rle: dict) -> tuple[list[int], int, int]:
+    """(counts, height, width) of one COCO RLE; KeyError, TypeError or ValueError where it is not one."""
+    h, w = (int(v) for v in rle["size"])
+    return coco_counts(rle["counts"]), h, w
+
+
 def _layout(root: Path) -> tuple[Path, Path]:
     """(folder of the JSONs, CheXpert folder): root holds both, or root is the CheXlocalize folder.
 
@@ -97,12 +114,7 @@ class ChexlocalizeReader:
         json_path = seg_dir / f"gt_segmentations_{split}.json"
         if not json_path.is_file():
             raise missing(f"CheXlocalize/gt_segmentations_{split}.json", root, self.published_at)
-        try:
-            data = json.loads(json_path.read_text(encoding="utf-8", errors="replace"))
-        except json.JSONDecodeError as e:
-            raise AflocError(f"not valid JSON ({e})", path=json_path) from None
-        if not isinstance(data, dict):
-            raise AflocError("expected an object {image_id: {task: RLE}}", path=json_path)
+        data = _segmentations(json_path)
         image_dir = chexpert / split
         if not image_dir.is_dir() and split == "val" and (chexpert / "valid").is_dir():
             image_dir = chexpert / "valid"
@@ -121,8 +133,7 @@ class ChexlocalizeReader:
             parsed: dict[str, tuple[list[int], int, int]] = {}
             for task, rle in tasks.items():
                 try:
-                    h, w = (int(v) for v in rle["size"])
-                    counts = coco_counts(rle["counts"])
+                    counts, h, w = _rle(rle)
                     if sum(counts) != h * w:
                         raise ValueError(f"RLE covers {sum(counts)} pixels, size says {h}x{w}")
                 except (KeyError, TypeError, ValueError) as e:
@@ -178,13 +189,7 @@ def read_human_benchmark(root: Path) -> tuple[dict[tuple[str, str], tuple[list[i
     path = seg_dir / "hb_segmentations_test.json"
     if not path.is_file():
         return {}, []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as e:
-        raise AflocError(f"not valid JSON ({e})", path=path) from None
-    if not isinstance(data, dict):
-        raise AflocError("expected an object {image_id: {task: RLE}}", path=path,
-                         hint="is this hb_segmentations_test.json as CheXlocalize ships it?")
+    data = _segmentations(path, hint="is this hb_segmentations_test.json as CheXlocalize ships it?")
     file = str(path)
     out: dict[tuple[str, str], tuple[list[int], int, int]] = {}
     problems: list[Problem] = []
@@ -194,8 +199,7 @@ def read_human_benchmark(root: Path) -> tuple[dict[tuple[str, str], tuple[list[i
             continue
         for task, rle in tasks.items():
             try:
-                h, w = (int(v) for v in rle["size"])
-                counts = coco_counts(rle["counts"])
+                counts, h, w = _rle(rle)
             except (KeyError, TypeError, ValueError) as e:
                 problems.append(Problem(file, None, f"{image_id}/{task}: human segmentation not a COCO RLE "
                                                     f"({type(e).__name__}: {e})"))
