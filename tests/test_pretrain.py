@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,56 @@ def test_word_warmup_eases_the_word_loss_in(cache, tmp_path, monkeypatch):
     assert loop.word_scale_at(0, 0) == 1.0 and loop.word_scale_at(9, 10) == 1.0 and loop.word_scale_at(99, 10) == 1.0
     with pytest.raises(AflocError, match="word_warmup"):
         _cfg("optim.word_warmup=-1")
+
+
+def test_word_start_holds_the_word_loss_out_then_eases_it_in(cache, tmp_path, monkeypatch):
+    """optim.word_start=S: the word loss weighs 0 (logged, no graph) for S steps, then the warm-in runs."""
+    import train.loop as loop
+
+    seen: list[tuple[float, bool, float]] = []
+    real = loop.compute_losses
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs.get("word_scale", 1.0), out["word"].requires_grad, float(out["word"].detach())))
+        return out
+
+    monkeypatch.setattr(loop, "compute_losses", spy)
+    trainer = Trainer(_cfg("epochs=2", "optim.word_start=3", "optim.word_warmup=2", "val_every=0"),
+                      FrameCache(cache), tmp_path / "ws")
+    trainer.fit()
+    train_steps = seen[:10]  # 5 steps per epoch; validation's calls come after each epoch's steps
+    scales = [s for s, _, _ in seen]
+    assert [s for s, _, _ in train_steps[:3]] == [0.0, 0.0, 0.0]
+    assert all(not grad and math.isfinite(value) and value > 0 for _, grad, value in train_steps[:3])
+    assert scales[3:5] == [0.5, 1.0] and all(grad for _, grad, _ in seen[3:5])
+    assert loop.word_scale_at(4, 10, start=5) == 0.0 and loop.word_scale_at(5, 10, start=5) == 0.1
+    assert loop.word_scale_at(5, 0, start=5) == 1.0 and loop.word_scale_at(0, 0, start=0) == 1.0
+    with pytest.raises(AflocError, match="word_start"):
+        _cfg("optim.word_start=-1")
+
+
+def test_word_start_equals_training_without_the_word_loss(cache, tmp_path):
+    """Until the word loss's start, the full model trains exactly as the global+sentence ablation (same
+    initialisation, batches and steps): the held-out loss is only logged."""
+    full = Trainer(_cfg("epochs=1", "max_steps=3", "optim.word_start=3", "val_every=0"), FrameCache(cache),
+                   tmp_path / "full")
+    full.fit()
+    ablation = Trainer(with_losses(_cfg("epochs=1", "max_steps=3", "val_every=0"), "global,sent"),
+                       FrameCache(cache), tmp_path / "gs")
+    ablation.fit()
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "gs" / "model.safetensors"))
+    shared = a.keys() & b.keys()
+    assert shared and a.keys() - b.keys() <= {k for k in a if "shallow" in k}
+    for key in shared:
+        if "shallow" not in key:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_inside_the_word_start_is_exact(cache, tmp_path):
+    """The word loss's factor comes from the step count, so a run stopped before its start resumes bit for bit."""
+    _resume_matches_straight(cache, tmp_path, "optim.word_start=4", "optim.word_warmup=3", stop=2)
 
 
 def test_resume_inside_the_word_warmup_is_exact(cache, tmp_path):

@@ -28,6 +28,10 @@ class OptimConfig:
     # the first step, as the reference). From scratch, the word loss's noise at chance can hold the global and
     # sentence losses at chance too (RESULTS.md, "Word-loss warm-in"); easing it in lets those start first.
     word_warmup: int = 0
+    # Optimizer steps before that warm-in begins, the word loss's weight 0 until then (0: it begins at once). The
+    # warm-in alone still left one seed's sentence and word losses at chance for most of the schedule (RESULTS.md,
+    # "The learning target on fresh seeds 6-8"): the global and sentence losses leave chance first without it.
+    word_start: int = 0
     # Decay of an exponential moving average of the weights over optimizer steps (0: none). With it, the run's
     # model.safetensors holds the average; checkpoints keep the optimised weights (and the average, to resume).
     # Validation and the best-k choice use the optimised weights.
@@ -123,6 +127,8 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
         raise AflocError(f"optim.ema_decay must be in [0, 1) (0: no weight average), not {cfg.optim.ema_decay}")
     if cfg.optim.word_warmup < 0:
         raise AflocError(f"optim.word_warmup must be >= 0 optimizer steps, not {cfg.optim.word_warmup}")
+    if cfg.optim.word_start < 0:
+        raise AflocError(f"optim.word_start must be >= 0 optimizer steps, not {cfg.optim.word_start}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise AflocError(f"precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}")
     return cfg

@@ -132,19 +132,26 @@ def compute_losses(
             lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["deep"],
         )
     if lc.use_word:
-        out["word"] = lc.weight_word * local_loss(
-            gather(img.shallow.float(), dist),
-            gather_padded(txt.words.float(), dist),
-            gather_padded(txt.word_mask, dist),
-            lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["shallow"],
-        )
+        # Before the word loss's warm-in it is only logged (no graph, so no backward through it), unless it is
+        # the only loss and the step's total needs a graph to step on.
+        logged_only = word_scale == 0.0 and (lc.use_global or lc.use_sentence)
+        with torch.no_grad() if logged_only else contextlib.nullcontext():
+            out["word"] = lc.weight_word * local_loss(
+                gather(img.shallow.float(), dist),
+                gather_padded(txt.words.float(), dist),
+                gather_padded(txt.word_mask, dist),
+                lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["shallow"],
+            )
     out["total"] = sum((word_scale * v if k == "word" else v for k, v in out.items()), zero)
     return out
 
 
-def word_scale_at(step: int, warmup: int) -> float:
-    """The word loss's warm-in factor for optimizer step `step` (0-based): linear to 1 over `warmup` steps."""
-    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+def word_scale_at(step: int, warmup: int, start: int = 0) -> float:
+    """The word loss's factor for optimizer step `step` (0-based): 0 before step `start`, then linear to 1 over
+    `warmup` steps."""
+    if step < start:
+        return 0.0
+    return 1.0 if warmup <= 0 else min(1.0, (step - start + 1) / warmup)
 
 
 def levels_for(cfg: TrainConfig) -> tuple[str, ...]:
@@ -364,7 +371,8 @@ class Trainer:
                 for frames, texts in loader:
                     losses = compute_losses(self.forward, self.model, frames, texts, cfg, self.dist,
                                             self.device, self.precision, self.text_features,
-                                            word_scale=word_scale_at(self.state.step, cfg.optim.word_warmup))
+                                            word_scale=word_scale_at(self.state.step, cfg.optim.word_warmup,
+                                                                       cfg.optim.word_start))
                     total = losses["total"]
                     if not math.isfinite(float(total.detach())):
                         raise NonFiniteLoss(
