@@ -176,6 +176,6 @@ def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(mo
         gamma = float(next(o for o in reversed(b.plan.overrides) if o.startswith("optim.step_gamma="))
                       .split("=")[1])
         assert gamma ** b.plan.epochs == pytest.approx(0.9**14, rel=0.01)
-        assert "optim.word_warmup=600" in b.plan.overrides
+        assert "optim.word_warmup=600" in b.plan.overrides and "optim.word_start=500" in b.plan.overrides
     with pytest.raises(SystemExit, match="--train-images"):
         learning.budget(False, train_images=4)
