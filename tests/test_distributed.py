@@ -61,9 +61,11 @@ def _setup(losses: str) -> tuple[TrainConfig, nn.Module, torch.Tensor, list]:
     return cfg, model, frames, texts
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, losses: str, steps: int) -> None:
-    """`steps` optimizer-free steps of `losses` under DDP on this rank's half of the batch; saves the last
-    step's losses and the watched gradients (None where a parameter got none)."""
+def _worker(rank: int, world: int, init_file: str, out: str, losses: str, steps: int,
+            word_scales: tuple[float, ...] = ()) -> None:
+    """`steps` optimizer-free steps of `losses` under DDP on this rank's half of the batch (step i's word loss
+    scaled by word_scales[i], 1 past its end); saves the last step's losses and the watched gradients (None
+    where a parameter got none)."""
     TextEncoder.tokenize = _padded_to_max_length()  # this process is the worker's own
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -71,10 +73,11 @@ def _worker(rank: int, world: int, init_file: str, out: str, losses: str, steps:
     forward = nn.parallel.DistributedDataParallel(_Forward(model, levels_for(cfg)), find_unused_parameters=True)
     per = len(texts) // world
     part = slice(rank * per, (rank + 1) * per)
-    for _ in range(steps):
+    for step in range(steps):
         model.zero_grad(set_to_none=True)
         result = compute_losses(forward, model, frames[part], texts[part], cfg, DistInfo(rank, world, 0),
-                                torch.device("cpu"), "fp32")
+                                torch.device("cpu"), "fp32",
+                                word_scale=word_scales[step] if step < len(word_scales) else 1.0)
         result["total"].backward()
     params = dict(model.named_parameters())
     torch.save({"losses": {k: v.detach() for k, v in result.items()}, "grads": {k: params[k].grad for k in WATCH}},
@@ -82,18 +85,19 @@ def _worker(rank: int, world: int, init_file: str, out: str, losses: str, steps:
     dist.destroy_process_group()
 
 
-def _one_process(losses: str) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter]]:
+def _one_process(losses: str, word_scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, nn.Parameter]]:
     """The same losses on the whole batch in this process, backpropagated: (losses, parameters)."""
     cfg, model, frames, texts = _setup(losses)
     result = compute_losses(_Forward(model, levels_for(cfg)), model, frames, texts, cfg, DistInfo(),
-                            torch.device("cpu"), "fp32")
+                            torch.device("cpu"), "fp32", word_scale=word_scale)
     result["total"].backward()
     return result, dict(model.named_parameters())
 
 
-def _spawn(tmp_path: Path, losses: str, steps: int) -> list[dict]:
+def _spawn(tmp_path: Path, losses: str, steps: int, word_scales: tuple[float, ...] = ()) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), losses, steps), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), losses, steps, word_scales), nprocs=2,
+             join=True)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
@@ -121,3 +125,16 @@ def test_two_gloo_ranks_train_an_ablation(tmp_path: Path, monkeypatch: pytest.Mo
                 assert got["grads"][key] is None or not bool(got["grads"][key].any()), key
             else:
                 torch.testing.assert_close(got["grads"][key], want, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_two_gloo_ranks_across_the_word_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """optim.word_start under DDP: a step whose word loss is only logged (no graph through the word level's
+    embedder), then one with it, as a run crosses its start; the ranks agree with one process on the second."""
+    monkeypatch.setattr(TextEncoder, "tokenize", _padded_to_max_length())
+    held, held_params = _one_process(FULL, word_scale=0.0)
+    assert not held["word"].requires_grad and held_params["image_encoder.local2_embedder.weight"].grad is None
+    losses, params = _one_process(FULL, word_scale=0.5)
+    for got in _spawn(tmp_path, FULL, steps=2, word_scales=(0.0, 0.5)):
+        torch.testing.assert_close(got["losses"]["total"], losses["total"].detach(), rtol=1e-5, atol=1e-6)
+        for key in WATCH:
+            torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)
