@@ -15,13 +15,26 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from afloc_cli.benchmark.datasets.synthetic import SyntheticReader
+from afloc_cli.cli import run
 from afloc_cli.commands.synth import synth_command
 from afloc_cli.errors import AflocError
 from afloc_cli.synth import KINDS, SynthConfig, generate_case, generate_corpus
-from afloc_cli.synth.corpus import GROUND_TRUTH_COLUMNS, LABELS_CSV, MANIFEST_CSV, SYNTH_JSON, assign_splits
+from afloc_cli.synth import corpus as corpus_module
+from afloc_cli.synth.corpus import (
+    GROUND_TRUTH_COLUMNS,
+    GROUND_TRUTH_CSV,
+    INCOMPLETE_MARKER,
+    LABELS_CSV,
+    MANIFEST_CSV,
+    SYNTH_JSON,
+    TABLES,
+    assign_splits,
+)
 from afloc_cli.synth.kinds import KIND_BY_KEY
 from afloc_cli.synth.sample import MIN_BOX_FRACTION
 from afloc_cli.synth.writers import to_uint
+from train.corpus import read_corpus
 
 N = 48
 CONFIG = SynthConfig(n=N, seed=3)
@@ -285,3 +298,67 @@ def test_class_prompts_name_each_kind_in_its_reports_words(corpus: Path, labels)
             others = [k for k in KINDS if k.key != kind.key and not (set(k.keywords) & set(kind.keywords))]
             assert not any(w in text for k in others for w in k.keywords), prompt
             assert "left" not in text and "right" not in text  # presence, not place
+
+
+def test_interrupted_overwrite_leaves_no_truth_for_other_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A killed `synth --overwrite` must not leave the old tables describing the new images of the same names."""
+    out, fresh = tmp_path / "corpus", tmp_path / "fresh"
+    generate_corpus(out, SynthConfig(n=6, seed=5))
+    bigger = SynthConfig(n=9, seed=5)
+    generate_corpus(fresh, bigger)
+    real_write, written = corpus_module.write_image, []
+
+    def write_then_stop(*args: object) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt  # a kill between images: the new synth5-000000 is on disk
+        real_write(*args)  # type: ignore[arg-type]
+        written.append(args[0])
+
+    monkeypatch.setattr(corpus_module, "write_image", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(out, bigger, overwrite=True)
+    monkeypatch.undo()
+    assert len(written) == 2 and len(list((out / "files").rglob("*.*"))) == 2
+    assert [name for name in TABLES if (out / name).exists()] == []
+    assert (out / INCOMPLETE_MARKER).is_file()
+
+    # Every reader refuses the half-made folder on one line instead of scoring against wrong truth.
+    with pytest.raises(AflocError, match="interrupted `afloc synth`") as caught:
+        read_corpus(out)
+    assert caught.value.path == str(out) and "--overwrite" in str(caught.value.hint)
+    assert run(["prepare", str(out), "--out", str(tmp_path / "cache"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "interrupted `afloc synth`" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(AflocError, match=GROUND_TRUTH_CSV):
+        SyntheticReader().read(out)
+    with pytest.raises(AflocError, match="not empty") as caught:
+        generate_corpus(out, bigger)
+    assert "interrupted" in str(caught.value.hint)
+
+    # Running it again makes exactly what an uninterrupted run makes.
+    generate_corpus(out, bigger, overwrite=True)
+    assert _hashes(out) == _hashes(fresh)
+    assert len(read_corpus(out)) == 9
+
+
+def test_tables_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills while a table is written leaves no half table (and the folder marked incomplete)."""
+
+    class FullDisk:
+        def __init__(self, fh: object, **_: object) -> None:
+            self.fh = fh
+
+        def writerow(self, row: object) -> None:
+            self.fh.write("dicom_id,category_name\n")  # type: ignore[attr-defined]
+
+        def writerows(self, rows: object) -> None:
+            self.fh.write("synth5-000000,Pneumo")  # type: ignore[attr-defined]
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(corpus_module.csv, "writer", FullDisk)
+    out = tmp_path / "corpus"
+    with pytest.raises(OSError, match="No space"):
+        generate_corpus(out, SynthConfig(n=3, seed=5))
+    assert sorted(p.name for p in out.iterdir()) == sorted([INCOMPLETE_MARKER, "files"])

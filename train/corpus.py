@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from afloc_cli.errors import AflocError
+from afloc_cli.synth.corpus import INCOMPLETE_MARKER
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,10 @@ def _read_table_gz(path: Path) -> pl.DataFrame:
 
 def read_corpus(path: Path, reports_root: Path | None = None) -> list[CorpusRecord]:
     """Pick the reader from what `path` is: a manifest file, a MIMIC root, or a folder with manifest.csv."""
+    folder = path.parent if path.is_file() else path
+    if (folder / INCOMPLETE_MARKER).exists():  # its tables may be gone, or not yet describe its images
+        raise AflocError("an interrupted `afloc synth`: this corpus is incomplete", path=folder,
+                         hint="run `afloc synth` on it again with --overwrite")
     if path.is_file():
         return read_manifest(path)
     if (path / "mimic-cxr-2.0.0-split.csv.gz").is_file():

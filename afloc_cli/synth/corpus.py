@@ -11,6 +11,10 @@ Layout under OUT (OUT plays the role of MIMIC-CXR-JPG's `2.0.0/` root):
   manifest.csv                                       image_path, report, split, dicom_id
   synth.json                                         seed, kinds, held-out kind, counts
   class_prompts.json                                 each kind's positive prompts (`afloc benchmark --class-prompts`)
+  .afloc-synth-incomplete                            only while images are written (or after an interrupted run)
+
+The tables are written last, each atomically, and the marker goes only after them: a folder either has all its
+tables, describing its images, or is marked incomplete.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from afloc_cli.atomic import write_atomic
 from afloc_cli.errors import AflocError
 from afloc_cli.synth.kinds import DEFAULT_HOLDOUT, KIND_BY_KEY, KIND_KEYS, KINDS, SPLITS, resolve_kind
 from afloc_cli.synth.render import (
@@ -56,6 +61,8 @@ LABELS_CSV = "labels.csv"
 MANIFEST_CSV = "manifest.csv"
 SYNTH_JSON = "synth.json"
 CLASS_PROMPTS_JSON = "class_prompts.json"
+INCOMPLETE_MARKER = ".afloc-synth-incomplete"  # from before the first image until after the last table
+TABLES = (GROUND_TRUTH_CSV, LABELS_CSV, MANIFEST_CSV, CLASS_PROMPTS_JSON, SYNTH_JSON)
 GROUND_TRUTH_COLUMNS = (
     "dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height", "split",
 )  # fmt: skip
@@ -288,19 +295,31 @@ def _init_worker() -> None:
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Make OUT ready: refuse a non-empty one unless `overwrite`; clear our own old images then."""
+    """Make OUT ready: refuse a non-empty one unless `overwrite`; then mark it incomplete and clear an old corpus.
+
+    The marker goes in before anything is removed, and the old tables go before the old images: a run stopped at
+    any point leaves no table that describes an image it did not write, and the marker tells readers why.
+    """
     if out.exists() and not out.is_dir():
         raise AflocError("exists and is not a folder", path=out, hint="choose a folder for the corpus")
+    ours = False
     if out.is_dir() and any(out.iterdir()):
+        interrupted = (out / INCOMPLETE_MARKER).exists()
         if not overwrite:
-            raise AflocError("output folder is not empty", path=out, hint="pass --overwrite or choose another folder")
-        if (out / SYNTH_JSON).is_file() and (out / "files").is_dir():
-            shutil.rmtree(out / "files")  # a previous corpus: stale images would outlive the new CSVs
+            hint = ("an interrupted `afloc synth`: pass --overwrite to make it again" if interrupted
+                    else "pass --overwrite or choose another folder")
+            raise AflocError("output folder is not empty", path=out, hint=hint)
+        ours = interrupted or ((out / SYNTH_JSON).is_file() and (out / "files").is_dir())
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".afloc-synth-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        (out / INCOMPLETE_MARKER).write_text(
+            "afloc synth is writing this corpus, or was stopped before its tables were written: "
+            "run it again with --overwrite\n", encoding="utf-8")
+        if ours:  # a previous corpus: its tables would describe the new images, its stale images outlive them
+            for name in TABLES:
+                (out / name).unlink(missing_ok=True)
+            if (out / "files").is_dir():
+                shutil.rmtree(out / "files")
     except OSError as exc:
         raise AflocError(
             f"cannot write here ({exc.strerror or exc})", path=out, hint="choose a folder you can write to"
@@ -308,10 +327,17 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 
 
 def _write_csv(path: Path, header: tuple[str, ...] | list[str], rows: list[list[object]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    write_atomic(path, write)
+
+
+def _write_json(path: Path, value: object) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
 
 
 def write_tables(out: Path, config: SynthConfig, cases: list[SynthCase]) -> CorpusSummary:
@@ -344,8 +370,8 @@ def write_tables(out: Path, config: SynthConfig, cases: list[SynthCase]) -> Corp
     _write_csv(out / LABELS_CSV, list(LABEL_ID_COLUMNS) + [k.category for k in KINDS], label_rows)
     _write_csv(out / MANIFEST_CSV, MANIFEST_COLUMNS, manifest_rows)
     summary = CorpusSummary(out, config, images, normal, boxes, kinds, formats)
-    (out / SYNTH_JSON).write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
-    (out / CLASS_PROMPTS_JSON).write_text(json.dumps(class_prompts(), indent=2) + "\n", encoding="utf-8")
+    _write_json(out / CLASS_PROMPTS_JSON, class_prompts())
+    _write_json(out / SYNTH_JSON, summary.to_json())
     return summary
 
 
@@ -381,4 +407,6 @@ def generate_corpus(
                         progress(len(cases))
     except OSError as exc:
         raise AflocError(f"cannot write an image ({exc.strerror or exc})", path=exc.filename or out) from None
-    return write_tables(out, config, cases)
+    summary = write_tables(out, config, cases)
+    (out / INCOMPLETE_MARKER).unlink()  # only now do the tables describe every image
+    return summary
