@@ -271,6 +271,7 @@ def test_cli_writes_refuses_and_overwrites(tmp_path: Path) -> None:
 
     result = runner.invoke(_app(), ["synth", str(tmp_path / "x"), "--n", "2", "--holdout", "fracture"])
     assert isinstance(result.exception, AflocError) and "unknown kind" in str(result.exception)
+    assert str(result.exception).count("pneumothorax") == 1  # the kinds are listed once
 
 
 def test_project_reader_sees_the_same_pixels(corpus: Path, labels) -> None:
