@@ -12,7 +12,7 @@ from PIL import Image
 
 from afloc_cli.errors import AflocError
 from train.corpus import read_corpus, read_manifest, report_sections, section_kind
-from train.data import prepare_cache
+from train.data import FrameCache, prepare_cache
 
 
 def _report(*sections: str) -> str:
@@ -181,3 +181,37 @@ def test_manifest_rows_that_cannot_train_say_why(tmp_path: Path) -> None:
     ]
     summary = prepare_cache(path, tmp_path / "cache", size=16, workers=0)
     assert (summary["done"], summary["failed"], summary["problems"]) == (3, 0, 4)
+
+
+# ---- the frame cache -----------------------------------------------------------------------------
+
+
+def _pngs(folder: Path, n: int = 4, broken: int = 0) -> Path:
+    """`n` small PNGs (the last `broken` of them not PNGs at all) and a manifest that lists them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image_path,report,split"]
+    for i in range(n):
+        name = f"img{i}.png"
+        if i >= n - broken:
+            (folder / name).write_bytes(b"not a png")
+        else:
+            Image.fromarray(np.full((20, 12), 40 + 40 * i, np.uint8)).save(folder / name)
+        rows.append(f"{name},Left effusion.,train")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder / "manifest.csv"
+
+
+@pytest.mark.parametrize(("name", "keep"), [("frames.npy", 600), ("frames.npy", 50), ("done.npy", 130)])
+def test_a_truncated_cache_array_is_refused_never_zero_filled(tmp_path: Path, name: str, keep: int) -> None:
+    """An incomplete copy of the cache must not come back as 'all ready' with black frames."""
+    manifest = _pngs(tmp_path / "corpus")
+    out = tmp_path / "cache"
+    prepare_cache(manifest, out, size=16, workers=0)
+    with (out / name).open("r+b") as f:
+        f.truncate(keep)
+    with pytest.raises(AflocError, match="truncated") as caught:
+        prepare_cache(manifest, out, size=16, workers=0)
+    assert caught.value.path == str(out / name) and "afloc prepare" in str(caught.value.hint)
+    assert (out / name).stat().st_size == keep  # not extended with zeros
+    with pytest.raises(AflocError, match="truncated"):
+        FrameCache(out)

@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -47,6 +47,28 @@ class _Decode(Dataset):
 
 
 RECORD_COLUMNS = ("image", "report", "split", "problem")
+REMAKE_HINT = "this cache cannot be trusted: delete the folder (or choose a new --out) and run `afloc prepare` again"
+
+
+def _open_array(path: Path, shape: tuple[int, ...], mode: Literal["r", "r+"]) -> np.memmap:
+    """A cache array, after checking that the file holds all of `shape` in uint8.
+
+    numpy's r+ memmap silently zero-extends a truncated file (an incomplete copy, a full disk): its frames would
+    read as black while done.npy still calls them decoded. Such a file is refused, never trained on.
+    """
+    try:
+        array = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise AflocError("missing from the cache", path=path, hint=REMAKE_HINT) from None
+    except (OSError, ValueError, EOFError):  # a truncated header, or fewer bytes than the header says
+        raise AflocError(f"damaged or truncated: {path.stat().st_size} bytes, expected uint8 {shape} "
+                         f"({int(np.prod(shape))} bytes and a header)", path=path, hint=REMAKE_HINT) from None
+    expected = array.offset + int(np.prod(shape))
+    actual = path.stat().st_size
+    if array.shape != shape or array.dtype != np.uint8 or actual != expected:
+        raise AflocError(f"damaged or truncated: {actual} bytes holding {array.dtype} {array.shape}, expected "
+                         f"uint8 {shape} in {expected} bytes", path=path, hint=REMAKE_HINT)
+    return array if mode == "r" else np.load(path, mmap_mode=mode)
 
 
 def _write_atomic(df: pl.DataFrame, path: Path) -> None:
@@ -91,8 +113,8 @@ def prepare_cache(
             raise AflocError("the corpus lists other images than when this cache was made", path=out,
                              hint="use a new --out folder")
         records_updated = not before.select("report", "split").equals(table.select("report", "split"))
-        frames = np.load(out / "frames.npy", mmap_mode="r+")
-        done = np.load(out / "done.npy", mmap_mode="r+")
+        frames = _open_array(out / "frames.npy", (n, size, size), "r+")
+        done = _open_array(out / "done.npy", (n,), "r+")
         if records_updated or "problem" not in before.columns:
             _write_atomic(table, out / "records.parquet")
     else:
@@ -147,8 +169,9 @@ class FrameCache:
             raise AflocError("not a prepared cache (no meta.json)", path=folder, hint="run `afloc prepare` first")
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
-        self.frames = np.load(folder / "frames.npy", mmap_mode="r")
-        self.done = np.load(folder / "done.npy", mmap_mode="r")
+        n, size = int(self.meta["n"]), int(self.meta["size"])
+        self.frames = _open_array(folder / "frames.npy", (n, size, size), "r")
+        self.done = _open_array(folder / "done.npy", (n,), "r")
         self.records = pl.read_parquet(folder / "records.parquet", glob=False)
 
 
