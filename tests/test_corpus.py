@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
 from train.corpus import read_corpus, read_manifest, report_sections, section_kind
 from train.data import FrameCache, prepare_cache
@@ -215,3 +216,37 @@ def test_a_truncated_cache_array_is_refused_never_zero_filled(tmp_path: Path, na
     assert (out / name).stat().st_size == keep  # not extended with zeros
     with pytest.raises(AflocError, match="truncated"):
         FrameCache(out)
+
+
+@pytest.mark.parametrize("text", ['{"corpus": "x", "n": 2', "", "[]", '{"n": "4", "size": 16}'])
+def test_a_damaged_meta_json_is_one_line_naming_it(tmp_path: Path, text: str, capsys: pytest.CaptureFixture) -> None:
+    manifest = _pngs(tmp_path / "corpus")
+    out = tmp_path / "cache"
+    prepare_cache(manifest, out, size=16, workers=0)
+    (out / "meta.json").write_text(text)
+    with pytest.raises(AflocError, match="cache description") as caught:
+        prepare_cache(manifest, out, size=16, workers=0)
+    assert caught.value.path == str(out / "meta.json") and "afloc prepare" in str(caught.value.hint)
+    with pytest.raises(AflocError, match="cache description"):
+        FrameCache(out)
+    assert run(["prepare", str(manifest), "--out", str(out), "--size", "16", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "meta.json") in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_while_meta_json_is_written_leaves_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta.json marks a finished start; a half-written one would block every later run."""
+    manifest = _pngs(tmp_path / "corpus")
+    out = tmp_path / "cache"
+    real_write_text = Path.write_text
+
+    def half_then_full(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, data[: len(data) // 2], *args, **kwargs)  # type: ignore[arg-type]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        prepare_cache(manifest, out, size=16, workers=0)
+    monkeypatch.undo()
+    assert not (out / "meta.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert prepare_cache(manifest, out, size=16, workers=0)["done"] == 4

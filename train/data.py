@@ -50,6 +50,26 @@ RECORD_COLUMNS = ("image", "report", "split", "problem")
 REMAKE_HINT = "this cache cannot be trusted: delete the folder (or choose a new --out) and run `afloc prepare` again"
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The cache's meta.json, checked: a damaged one is named on one line, not a JSON traceback."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise AflocError(f"unreadable cache description ({reason})", path=path, hint=REMAKE_HINT) from None
+    if not isinstance(meta, dict) or not all(type(meta.get(k)) is int for k in ("n", "size")):
+        raise AflocError("not a frame cache description (needs n and size)", path=path, hint=REMAKE_HINT)
+    return meta
+
+
+def _read_records(path: Path) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path, glob=False)
+    except Exception as exc:  # noqa: BLE001 - polars raises several kinds for a missing or damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AflocError(f"unreadable cache table ({reason})", path=path, hint=REMAKE_HINT) from None
+
+
 def _open_array(path: Path, shape: tuple[int, ...], mode: Literal["r", "r+"]) -> np.memmap:
     """A cache array, after checking that the file holds all of `shape` in uint8.
 
@@ -105,10 +125,10 @@ def prepare_cache(
     table = _records_frame(records)
     records_updated = False
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        old = _read_meta(meta_path)
         if {k: old.get(k) for k in ("corpus", "n", "size")} != {k: meta[k] for k in ("corpus", "n", "size")}:
             raise AflocError("cache was made from another corpus or size", path=out, hint="use a new --out folder")
-        before = pl.read_parquet(out / "records.parquet", glob=False)
+        before = _read_records(out / "records.parquet")
         if before["image"].to_list() != table["image"].to_list():
             raise AflocError("the corpus lists other images than when this cache was made", path=out,
                              hint="use a new --out folder")
@@ -121,7 +141,8 @@ def prepare_cache(
         frames = np.lib.format.open_memmap(out / "frames.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
         done = np.lib.format.open_memmap(out / "done.npy", mode="w+", dtype=np.uint8, shape=(n,))
         _write_atomic(table, out / "records.parquet")
-        meta_path.write_text(json.dumps(meta, indent=2))
+        # Last and whole: meta.json is what makes a folder a cache, so a run stopped before it starts afresh.
+        write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8"))
     problems = [{"index": i, "image": r.image, "reason": r.problem} for i, r in enumerate(records) if r.problem]
     problems_path = out / "problems.csv"
     if problems:
@@ -168,11 +189,11 @@ class FrameCache:
         if not (folder / "meta.json").is_file():
             raise AflocError("not a prepared cache (no meta.json)", path=folder, hint="run `afloc prepare` first")
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
-        n, size = int(self.meta["n"]), int(self.meta["size"])
+        self.meta = _read_meta(folder / "meta.json")
+        n, size = self.meta["n"], self.meta["size"]
         self.frames = _open_array(folder / "frames.npy", (n, size, size), "r")
         self.done = _open_array(folder / "done.npy", (n,), "r")
-        self.records = pl.read_parquet(folder / "records.parquet", glob=False)
+        self.records = _read_records(folder / "records.parquet")
 
 
 @dataclass
