@@ -250,3 +250,14 @@ def test_a_full_disk_while_meta_json_is_written_leaves_none(tmp_path: Path, monk
     monkeypatch.undo()
     assert not (out / "meta.json").exists() and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert prepare_cache(manifest, out, size=16, workers=0)["done"] == 4
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "15"])
+def test_a_frame_size_below_the_minimum_is_refused(tmp_path: Path, size: str, capsys: pytest.CaptureFixture) -> None:
+    manifest = _pngs(tmp_path / "corpus")
+    out = tmp_path / "cache"
+    assert run(["prepare", str(manifest), "--out", str(out), "--size", size, "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"frame size {size} is too small" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert prepare_cache(manifest, out, size=16, workers=0)["done"] == 4

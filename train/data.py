@@ -47,6 +47,7 @@ class _Decode(Dataset):
 
 
 RECORD_COLUMNS = ("image", "report", "split", "problem")
+MIN_FRAME_SIZE = 16  # as `afloc compile --image-size`; the deep map is already 1x1 there, nothing to localize
 REMAKE_HINT = "this cache cannot be trusted: delete the folder (or choose a new --out) and run `afloc prepare` again"
 
 
@@ -115,6 +116,9 @@ def prepare_cache(
     recorded ones (the image list must be the same), and images that failed before are tried again. Rows that
     cannot train are listed with their reason in `problems.csv`, images that cannot be read in `failures.csv`.
     """
+    if size < MIN_FRAME_SIZE:  # 0 made an "all ready" cache of empty frames, a negative one a numpy traceback
+        raise AflocError(f"frame size {size} is too small: frames need at least {MIN_FRAME_SIZE} pixels a side",
+                         hint="pass --size (default 224, the model's input)")
     records = read_corpus(corpus, reports_root)
     if not records:
         raise AflocError("corpus is empty", path=corpus)
