@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +263,27 @@ def test_a_frame_size_below_the_minimum_is_refused(tmp_path: Path, size: str, ca
     assert f"frame size {size} is too small" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert prepare_cache(manifest, out, size=16, workers=0)["done"] == 4
+
+
+def test_resuming_with_the_corpus_spelled_another_way_is_the_same_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative or absolute, through `..` or a link: one corpus, one cache, nothing decoded twice."""
+    _pngs(tmp_path / "corpus", n=4, broken=1)
+    (tmp_path / "link").symlink_to(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cache"
+    assert prepare_cache(Path("corpus"), out, size=16, workers=0)["done"] == 3
+    frames_before = (out / "frames.npy").read_bytes()
+    for spelling in (tmp_path / "corpus", tmp_path / "corpus" / ".." / "corpus", Path("link"), Path("./corpus/")):
+        summary = prepare_cache(spelling, out, size=16, workers=0)
+        assert (summary["done"], summary["failed"], summary["records_updated"]) == (3, 1, False), spelling
+    assert (out / "frames.npy").read_bytes() == frames_before
+    # A cache from before paths were resolved recorded the corpus as given; it is still taken up.
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(meta | {"corpus": "corpus"}))
+    assert prepare_cache(tmp_path / "corpus", out, size=16, workers=0)["done"] == 3
+    # Another corpus with the same file names is still another corpus.
+    shutil.copytree(tmp_path / "corpus", tmp_path / "copy")
+    with pytest.raises(AflocError, match="another corpus"):
+        prepare_cache(tmp_path / "copy", out, size=16, workers=0)

@@ -10,6 +10,7 @@ speed.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,22 @@ def _read_records(path: Path) -> pl.DataFrame:
         raise AflocError(f"unreadable cache table ({reason})", path=path, hint=REMAKE_HINT) from None
 
 
+def _same_corpus(recorded: object, corpus: Path) -> bool:
+    """Whether the corpus a cache recorded is `corpus`, however either is spelled (relative, `..`, a link).
+
+    Caches record the resolved path; older ones recorded it as given, which resolves from where prepare runs.
+    """
+    return isinstance(recorded, str) and (recorded == str(corpus) or Path(recorded).resolve() == corpus.resolve())
+
+
+def _same_images(before: list[str], now: list[str]) -> bool:
+    """Whether two image lists name the same files in the same order; paths are resolved only where their
+    spellings differ, so resuming a 200k-image cache does not stat every file."""
+    return len(before) == len(now) and all(
+        a == b or os.path.realpath(a) == os.path.realpath(b) for a, b in zip(before, now, strict=True)
+    )
+
+
 def _open_array(path: Path, shape: tuple[int, ...], mode: Literal["r", "r+"]) -> np.memmap:
     """A cache array, after checking that the file holds all of `shape` in uint8.
 
@@ -125,21 +142,23 @@ def prepare_cache(
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     n = len(records)
-    meta = {"corpus": str(corpus), "n": n, "size": size, "format": "afloc-frame-cache/1"}
+    meta = {"corpus": str(corpus.resolve()), "n": n, "size": size, "format": "afloc-frame-cache/1"}
     table = _records_frame(records)
     records_updated = False
     if meta_path.exists():
         old = _read_meta(meta_path)
-        if {k: old.get(k) for k in ("corpus", "n", "size")} != {k: meta[k] for k in ("corpus", "n", "size")}:
+        if not _same_corpus(old.get("corpus"), corpus) or (old["n"], old["size"]) != (n, size):
             raise AflocError("cache was made from another corpus or size", path=out, hint="use a new --out folder")
         before = _read_records(out / "records.parquet")
-        if before["image"].to_list() != table["image"].to_list():
+        images_before, images = before["image"].to_list(), table["image"].to_list()
+        if not _same_images(images_before, images):
             raise AflocError("the corpus lists other images than when this cache was made", path=out,
                              hint="use a new --out folder")
         records_updated = not before.select("report", "split").equals(table.select("report", "split"))
         frames = _open_array(out / "frames.npy", (n, size, size), "r+")
         done = _open_array(out / "done.npy", (n,), "r+")
-        if records_updated or "problem" not in before.columns:
+        # The same images spelled another way: record this run's spelling, the one that was just read.
+        if records_updated or "problem" not in before.columns or images_before != images:
             _write_atomic(table, out / "records.parquet")
     else:
         frames = np.lib.format.open_memmap(out / "frames.npy", mode="w+", dtype=np.uint8, shape=(n, size, size))
