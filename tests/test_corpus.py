@@ -287,3 +287,12 @@ def test_resuming_with_the_corpus_spelled_another_way_is_the_same_cache(
     shutil.copytree(tmp_path / "corpus", tmp_path / "copy")
     with pytest.raises(AflocError, match="another corpus"):
         prepare_cache(tmp_path / "copy", out, size=16, workers=0)
+
+
+def test_prepare_exits_3_when_some_images_could_not_be_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """README: exit 3 is a batch in which some images could not be read; the rest of the cache is still made."""
+    good, bad = _pngs(tmp_path / "good"), _pngs(tmp_path / "bad", broken=1)
+    assert run(["prepare", str(good), "--out", str(tmp_path / "c1"), "--size", "16", "--workers", "0"]) == 0
+    assert run(["prepare", str(bad), "--out", str(tmp_path / "c2"), "--size", "16", "--workers", "0", "--json"]) == 3
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["done"], summary["failed"]) == (3, 1) and (tmp_path / "c2" / "failures.csv").is_file()

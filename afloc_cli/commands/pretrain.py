@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from afloc_cli.commands import WORKERS_HELP, decode_workers, stderr_console
+from afloc_cli.commands.localize import EXIT_SOME_FAILED
 from afloc_cli.errors import AflocError
 
 
@@ -50,6 +51,8 @@ def prepare_command(
                       + (f" (see {out / 'failures.csv'})" if summary["failed"] else "")
                       + f", {summary['problems']} rows that cannot train"
                       + (f" (see {out / 'problems.csv'})" if summary["problems"] else ""))
+    if summary["failed"]:  # the README's exit code for a batch with unreadable images, as localize gives
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 def pretrain_command(
