@@ -75,6 +75,25 @@ def test_merge_refuses_shards_of_different_input_lists(tmp_path, tiny_checkpoint
     assert not (tmp_path / "m.h5").exists()
 
 
+def test_merge_refuses_a_run_whose_last_shard_is_missing(tmp_path, tiny_checkpoint, capsys):
+    """3 images in 4 shards: shards 0 and 1 hold indices 0 and 1, and merging them alone used to succeed."""
+    folder = tmp_path / "in"
+    for i in range(3):
+        _png(folder / f"img{i}.png", i)
+    shards = [tmp_path / f"s{k}.h5" for k in range(2)]
+    for k, shard in enumerate(shards):
+        assert _localize([str(folder), "--out", str(shard), "--shard", f"{k}/4"], tiny_checkpoint) == 0
+    from afloc_cli.heatmaps.store import HeatmapFile
+
+    with HeatmapFile.open(shards[0]) as hf:
+        assert hf.attrs["n_inputs"] == 3
+    capsys.readouterr()
+    assert run(["merge", *map(str, shards), "--out", str(tmp_path / "m.h5")]) == 2
+    _one_line_error(capsys, "image index 2 is missing", "--allow-gaps")
+    assert not (tmp_path / "m.h5").exists()
+    assert run(["merge", *map(str, shards), "--out", str(tmp_path / "m.h5"), "--allow-gaps"]) == 0
+
+
 def _one_line_error(capsys, *needles: str) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if not line.startswith("note: ")]

@@ -566,3 +566,45 @@ def test_merge_refuses_shards_that_repeat_a_path(tmp_path: Path) -> None:
     with pytest.raises(AflocError, match=r"b\.h5: image img1\.png is also in .*a\.h5.*different input lists"):
         merge([a.finalize(), b.finalize()], tmp_path / "m.h5")
     assert not (tmp_path / "m.h5").exists()
+
+
+def _shard(out: Path, indices: list[int], n_inputs: int | None) -> Path:
+    """A finished shard over images `q{g}.png`; `n_inputs` None writes a file as afloc did before it."""
+    attrs = ATTRS if n_inputs is None else {**ATTRS, "n_inputs": n_inputs}
+    w = small_writer(out, paths=[f"q{g}.png" for g in indices], indices=indices, attrs=attrs)
+    if indices:
+        w.write_batch(list(range(len(indices))), np.zeros((len(indices), 2, 3, 3)), np.zeros((len(indices), 2)),
+                      [make_record(f"q{g}.png") for g in indices])
+    return w.finalize()
+
+
+def test_merge_refuses_a_missing_last_shard(tmp_path: Path) -> None:
+    """Shards 0 and 1 of 4 over 3 images hold indices 0 and 1 only: image 2 (shard 2) used to vanish silently."""
+    shards = [_shard(tmp_path / f"s{k}.h5", list(range(k, 3, 4)), 3) for k in range(4)]
+    for subset in ([0, 1], [0, 1, 3], [1, 0]):
+        with pytest.raises(AflocError, match=r"image index 2 is missing \(1 of the run's 3 .*--allow-gaps"):
+            merge([shards[k] for k in subset], tmp_path / "m.h5")
+        assert not (tmp_path / "m.h5").exists()
+    with HeatmapFile.open(merge(shards, tmp_path / "all.h5")) as hf:
+        assert list(hf.indices) == [0, 1, 2] and hf.attrs["n_inputs"] == 3
+    with HeatmapFile.open(merge(shards[:2], tmp_path / "some.h5", allow_gaps=True)) as hf:
+        assert list(hf.indices) == [0, 1]
+    # A file written before n_inputs first: the count is still read from the file that has it.
+    old = _shard(tmp_path / "old0.h5", [0], None)
+    with pytest.raises(AflocError, match="image index 2 is missing"):
+        merge([old, shards[1]], tmp_path / "m.h5")
+    with pytest.raises(AflocError, match=r"s1\.h5: made with a different number of inputs .* than .*old4\.h5"):
+        merge([old, _shard(tmp_path / "old4.h5", [3], 4), shards[1]], tmp_path / "m.h5")
+    # Files that predate it all merge as before: only gaps below the highest index are seen.
+    with HeatmapFile.open(merge([old, _shard(tmp_path / "old1.h5", [1], None)], tmp_path / "old.h5")) as hf:
+        assert list(hf.indices) == [0, 1] and "n_inputs" not in hf.attrs
+
+
+def test_a_run_begun_before_n_inputs_still_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "x.h5"
+    w = small_writer(out)  # the older writer: no n_inputs
+    w.write_batch([0], np.zeros((1, 2, 3, 3)), np.zeros((1, 2)), [make_record("p0.png")])
+    w.close()
+    w2 = small_writer(out, resume=True, attrs={**ATTRS, "n_inputs": 4})
+    assert w2.done_indices() == {0}
+    w2.close()

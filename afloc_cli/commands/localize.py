@@ -205,6 +205,7 @@ def localize_command(
             on_batch=on_batch,
             readout=readout,
             inputs_sha256=inputs_sha256([str(p) for p in all_paths]),
+            n_inputs=len(all_paths),
         )
     info = summary.to_dict() | {"checkpoint_sha256": loaded.sha256, "shard": shard_spec}
     if as_json:

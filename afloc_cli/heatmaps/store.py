@@ -51,7 +51,7 @@ _STORE_ATTRS = ("schema_version", "grid", "n_images", "n_prompts", "created")
 # Attributes that describe one file rather than the run, so a merge or a resume may differ in them.
 _PER_FILE_ATTRS = ("created", "n_images")
 # Attributes afloc began to write later: compared only when both files have them.
-_OPTIONAL_ATTRS = frozenset({"inputs_sha256"})
+_OPTIONAL_ATTRS = frozenset({"inputs_sha256", "n_inputs"})
 # Per-image integer columns, in file order; `lb_*` hold the letterbox geometry.
 _LB_KEYS = ("size", "resized_height", "resized_width", "pad_top", "pad_left")
 _INT_COLUMNS = ("index", "height", "width", *(f"lb_{k}" for k in _LB_KEYS))
@@ -61,7 +61,8 @@ _EMBEDDINGS_NAME = "prompt_embeddings.npy"  # in the journal; /prompt_embeddings
 _GZIP_LEVEL = 4
 # Attributes whose difference is named in words rather than by key.
 _WHAT_DIFFERS = {"checkpoint_sha256": "checkpoint (checkpoint_sha256)",
-                 "inputs_sha256": "input list (inputs_sha256: files were added or removed between the runs)"}
+                 "inputs_sha256": "input list (inputs_sha256: files were added or removed between the runs)",
+                 "n_inputs": "number of inputs (n_inputs: files were added or removed between the runs)"}
 
 
 def encode_text(value: str) -> bytes:
@@ -855,7 +856,9 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
 
     The result equals the file of a single unsharded run (`created` aside). Files
     from different runs (checkpoint, prompts, grid, config) are refused, as are
-    overlapping shards and, unless `allow_gaps`, a missing shard.
+    overlapping shards and, unless `allow_gaps`, a missing shard: anywhere when the
+    files record the run's input count (`n_inputs`), before the highest index present
+    in older files.
     """
     out = Path(out)
     files = [Path(p) for p in inputs]
@@ -872,12 +875,20 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
             opened.append(HeatmapFile.open(f))
         first = opened[0]
         reference = first._header()
+        optional: dict[str, tuple[AttrValue, Path]] = {}  # a newer attribute: its value and the first file with it
         owner: dict[int, tuple[int, int]] = {}
         for k, hf in enumerate(opened):
-            what = reference.run_mismatch(hf._header())
+            header = hf._header()
+            what = reference.run_mismatch(header)
             if what is not None:
                 raise AflocError(f"made with a different {what} than {first.path}", path=hf.path,
                                  hint="merge only the shards of one run")
+            for key in sorted(_OPTIONAL_ATTRS & header.attrs.keys()):
+                # The first file may predate `key`: compare it among the files that have it.
+                value, source = optional.setdefault(key, (header.attrs[key], hf.path))
+                if not _same_value(value, header.attrs[key]):
+                    raise AflocError(f"made with a different {_WHAT_DIFFERS.get(key, key)} than {source}",
+                                     path=hf.path, hint="merge only the shards of one run")
             for row, g in enumerate(hf.indices.tolist()):
                 if g in owner:
                     other = opened[owner[g][0]].path
@@ -894,13 +905,18 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
                 raise AflocError(f"image {path} is also in {other} at another index: the shards were made over "
                                  "different input lists", path=opened[k].path, hint="merge only the shards of one run")
             seen[path] = g
-        if not allow_gaps and order != list(range(len(order))):
-            first_gap = next(i for i, g in enumerate(order + [-1]) if g != i)
-            raise AflocError(f"the shards do not cover the inputs: image index {first_gap} is missing",
-                             hint="merge every shard of the run (allow_gaps to merge a subset)")
+        # A file that records the run's input count shows a missing last shard too; older files, inner gaps only.
+        n_inputs = optional.get("n_inputs")
+        total = int(n_inputs[0]) if n_inputs is not None else (order[-1] + 1 if order else 0)
+        missing = sorted(set(range(total)) - owner.keys())
+        if missing and not allow_gaps:
+            raise AflocError(f"the shards do not cover the inputs: image index {missing[0]} is missing "
+                             f"({len(missing)} of the run's {total} images are in none of the files)",
+                             hint="merge every shard of the run (--allow-gaps to merge a subset)")
         created = min(str(hf.attrs.get("created", "")) for hf in opened) or utc_now()
+        attrs = {**{key: value for key, (value, _) in optional.items()}, **reference.attrs}
         header = _Header(paths=[opened[owner[g][0]].paths[owner[g][1]] for g in order], indices=order,
-                         prompts=reference.prompts, grid=reference.grid, attrs=reference.attrs)
+                         prompts=reference.prompts, grid=reference.grid, attrs=attrs)
 
         records = [hf.records() for hf in opened]
         scores = [hf.scores() for hf in opened]

@@ -118,17 +118,20 @@ def run_localize(
     wanted: np.ndarray | None = None,
     readout: str = "reference",
     inputs_sha256: str | None = None,
+    n_inputs: int | None = None,
 ) -> RunSummary:
     """Localize `paths` (the items of this shard, with their global `indices`) into `out`.
 
     `wanted` (len(paths), P) bool keeps only those (image, prompt) maps and stores NaN for the
     rest: a phrase-grounding benchmark asks one phrase per image, and NaN chunks compress to
     almost nothing, so one file still serves every pair. `inputs_sha256` (of the full input list) lets
-    `merge` refuse shards made over different lists.
+    `merge` refuse shards made over different lists; `n_inputs` (its length) lets it see a missing last shard.
     """
     attrs = run_attrs(engine, checkpoint_sha256, readout)
     if inputs_sha256 is not None:
         attrs["inputs_sha256"] = inputs_sha256
+    if n_inputs is not None:
+        attrs["n_inputs"] = int(n_inputs)
     writer = HeatmapWriter(
         out,
         paths=[str(p) for p in paths],
