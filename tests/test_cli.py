@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -196,3 +197,41 @@ def test_chexlocalize_export_refuses_images_that_share_an_id(tmp_path, tiny_chec
     assert run(["export", str(out), "--chexlocalize", str(tmp_path / "cx")]) == 2
     _one_line_error(capsys, f"{a} and {b} get the same cheXlocalize image id 'p1_s1_view1'")
     assert not list((tmp_path / "cx").glob("*.pkl"))
+
+
+# ---- heat-map files made by the store directly (no model): what scores, export and merge say -----------------
+def _heatmap_file(out: Path, names: list[str], failed: tuple[int, ...] = (), prompts: int = 3) -> Path:
+    """A finished file over images `names` (20 x 10 pixels), with the rows in `failed` unreadable."""
+    from afloc_cli.heatmaps.store import HeatmapWriter, ImageRecord
+
+    lb = {"height": 20, "width": 10, "size": 224, "resized_height": 224, "resized_width": 112, "pad_top": 0,
+          "pad_left": 56}
+    w = HeatmapWriter(out, paths=names, prompts=[f"finding {p}" for p in range(prompts)], grid=3,
+                      attrs={"checkpoint_sha256": "0" * 64})
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        if i in failed:
+            w.write_failure(i, ImageRecord(path=name, height=0, width=0, letterbox={}, reader={}, error="unreadable"))
+        else:
+            w.write_batch([i], rng.standard_normal((1, prompts, 3, 3)), rng.standard_normal((1, prompts)),
+                          [ImageRecord(path=name, height=20, width=10, letterbox=lb, reader={})])
+    return w.finalize()
+
+
+def test_heatmap_read_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "folder.h5").mkdir()
+    assert run(["scores", str(tmp_path / "folder.h5"), "--out", str(tmp_path / "s.csv")]) == 2
+    _one_line_error(capsys, "folder.h5: is a folder")
+    good = _heatmap_file(tmp_path / "good.h5", ["a.png", "b.png"])
+    with h5py.File(good, "r") as f:
+        info = f["heatmaps"].id.get_chunk_info(1)
+    data = bytearray(good.read_bytes())
+    data[info.byte_offset:info.byte_offset + info.size] = b"\xab" * info.size
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(bytes(data))
+    for argv in (["scores", str(damaged), "--out", str(tmp_path / "s.csv")],
+                 ["export", str(damaged), "--npy", str(tmp_path / "npy")],
+                 ["merge", str(damaged), "--out", str(tmp_path / "m.h5")]):
+        assert run(argv) == 2
+        _one_line_error(capsys, f"{damaged}: cannot read /heatmaps[1]", "filter returned failure")
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "m.h5").exists()

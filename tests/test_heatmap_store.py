@@ -608,3 +608,63 @@ def test_a_run_begun_before_n_inputs_still_resumes(tmp_path: Path) -> None:
     w2 = small_writer(out, resume=True, attrs={**ATTRS, "n_inputs": 4})
     assert w2.done_indices() == {0}
     w2.close()
+
+
+def _damage_chunk(src: Path, dst: Path, row: int) -> Path:
+    """A copy of `src` whose /heatmaps chunk of `row` is overwritten: bit rot, or a bad copy."""
+    with h5py.File(src, "r") as f:
+        info = f["heatmaps"].id.get_chunk_info(row)
+    data = bytearray(src.read_bytes())
+    data[info.byte_offset:info.byte_offset + info.size] = b"\xab" * info.size
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_open_errors_are_one_line_and_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "folder.h5").mkdir()
+    with pytest.raises(AflocError, match=r"folder\.h5: is a folder, not a heat-map file") as info:
+        HeatmapFile.open(tmp_path / "folder.h5")
+    assert "\n" not in str(info.value)
+
+    def multiline(*args: Any, **kwargs: Any) -> None:
+        raise OSError("Unable to open (time = Thu\n, errno = 5)")
+
+    (tmp_path / "any.h5").write_bytes(b"x")
+    monkeypatch.setattr(h5py, "File", multiline)
+    with pytest.raises(AflocError, match=r"any\.h5: not a readable HDF5 file \(Unable to open \(time = Thu , errno"):
+        HeatmapFile.open(tmp_path / "any.h5")
+
+
+def test_a_damaged_chunk_is_named_with_its_file(tmp_path: Path) -> None:
+    """h5py says only "filter returned failure during read": with many shards, which file?"""
+    w = small_writer(tmp_path / "good.h5")
+    fill(w)
+    damaged = _damage_chunk(w.finalize(), tmp_path / "damaged.h5", 1)
+    with HeatmapFile.open(damaged) as hf:
+        assert hf.maps(0).shape == (2, 3, 3)  # the other chunks still read
+        with pytest.raises(AflocError, match=r"damaged\.h5: cannot read /heatmaps\[1\]: .*filter.* — the file is "
+                                             "damaged") as info:
+            hf.maps(1)
+        assert "\n" not in str(info.value)
+        with pytest.raises(AflocError, match=r"damaged\.h5: cannot read /heatmaps\[1, 0\]"):
+            hf.raw(1, 0)
+    with pytest.raises(AflocError, match=r"damaged\.h5: cannot read /heatmaps\[1\]"):
+        merge([damaged], tmp_path / "m.h5")
+    assert not (tmp_path / "m.h5").exists() and not list(tmp_path.glob(".m.h5*"))
+
+
+def test_a_file_missing_a_dataset_says_which(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "noprompts.h5", "w") as f:  # afloc-looking, but cut short
+        f.attrs["schema_version"] = 1
+        f.attrs["grid"] = 3
+        f["heatmaps"] = np.zeros((1, 1, 3, 3), np.float16)
+    with pytest.raises(AflocError, match=r"noprompts\.h5: not a complete afloc heat-map file: no /prompts, /scores"):
+        HeatmapFile.open(tmp_path / "noprompts.h5")
+    w = small_writer(tmp_path / "good.h5")
+    fill(w)
+    copy = tmp_path / "nogrid.h5"
+    copy.write_bytes(w.finalize().read_bytes())
+    with h5py.File(copy, "r+") as f:
+        del f.attrs["grid"]
+    with pytest.raises(AflocError, match=r"nogrid\.h5: not a complete afloc heat-map file: no grid attribute"):
+        HeatmapFile.open(copy)

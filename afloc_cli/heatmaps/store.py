@@ -730,8 +730,21 @@ class AsyncHeatmapWriter:
 # ---------------------------------------------------------------------------------------------
 # Reader
 # ---------------------------------------------------------------------------------------------
+# What every finished file holds; a file without one of them cannot be read as afloc's.
+_REQUIRED_DATASETS = ("prompts", "heatmaps", "scores", *_INT_COLUMNS, *_STR_COLUMNS)
+_DAMAGED_HINT = "the file is damaged: localize again, or copy it again from where it was made"
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line: h5py's own messages can hold newlines."""
+    return " ".join(str(exc).split())
+
+
 class HeatmapFile:
-    """Read access to a finished heat-map file: raw grids, scores and the geometry to map them back."""
+    """Read access to a finished heat-map file: raw grids, scores and the geometry to map them back.
+
+    Every read names the file on failure: h5py's message for a damaged chunk names neither file nor dataset.
+    """
 
     def __init__(self, handle: h5py.File, path: Path) -> None:
         self._f = handle
@@ -749,10 +762,13 @@ class HeatmapFile:
         path = Path(path)
         if not path.exists():
             raise AflocError("heat-map file not found", path=path)
+        if path.is_dir():
+            raise AflocError("is a folder, not a heat-map file", path=path,
+                             hint="name the .h5 file that afloc localize wrote")
         try:
             handle = h5py.File(path, "r")
         except OSError as exc:
-            raise AflocError(f"not a readable HDF5 file ({exc})", path=path) from None
+            raise AflocError(f"not a readable HDF5 file ({_one_line(exc)})", path=path) from None
         try:
             version = handle.attrs.get("schema_version")
             if version is None or "heatmaps" not in handle:
@@ -760,7 +776,17 @@ class HeatmapFile:
             if int(version) > SCHEMA_VERSION:
                 raise AflocError(f"schema version {int(version)} is newer than this afloc reads ({SCHEMA_VERSION})",
                                  path=path, hint="upgrade afloc")
-            return cls(handle, path)
+            missing = [f"/{name}" for name in _REQUIRED_DATASETS if name not in handle]
+            if missing:
+                raise AflocError(f"not a complete afloc heat-map file: no {', '.join(missing)}", path=path,
+                                 hint=_DAMAGED_HINT)
+            if "grid" not in handle.attrs:
+                raise AflocError("not a complete afloc heat-map file: no grid attribute", path=path,
+                                 hint=_DAMAGED_HINT)
+            try:
+                return cls(handle, path)
+            except OSError as exc:
+                raise AflocError(f"cannot read it: {_one_line(exc)}", path=path, hint=_DAMAGED_HINT) from None
         except BaseException:
             handle.close()
             raise
@@ -780,24 +806,39 @@ class HeatmapFile:
         if p is not None and not 0 <= p < self.n_prompts:
             raise IndexError(f"prompt {p} out of range 0..{self.n_prompts - 1}")
 
+    def _read(self, name: str, rows: Any = ()) -> Any:
+        """`/name[rows]`, or a one-line error naming the file and the dataset (a damaged chunk, a bad copy)."""
+        try:
+            return self._f[name][rows]
+        except OSError as exc:
+            at = rows if isinstance(rows, tuple) else (rows,)
+            where = f"[{', '.join(map(str, at))}]" if at else ""
+            raise AflocError(f"cannot read /{name}{where}: {_one_line(exc)}", path=self.path,
+                             hint=_DAMAGED_HINT) from None
+
     def raw(self, i: int, p: int) -> np.ndarray:
         """The (g, g) similarity grid of image i and prompt p, unsmoothed, as the model produced it."""
         self._check(i, p)
-        return self._f["heatmaps"][i, p].astype(np.float32)
+        return self._read("heatmaps", (i, p)).astype(np.float32)
 
     def maps(self, i: int) -> np.ndarray:
         """All prompts' grids of image i, (P, g, g) float32: one chunk read."""
         self._check(i)
-        return self._f["heatmaps"][i].astype(np.float32)
+        return self._read("heatmaps", i).astype(np.float32)
+
+    def stored_maps(self, i: int) -> np.ndarray:
+        """Image i's grids as stored (float16): what a merge copies, bit for bit."""
+        self._check(i)
+        return self._read("heatmaps", i)  # type: ignore[no-any-return]
 
     def scores(self) -> np.ndarray:
-        return self._f["scores"][()].astype(np.float32)
+        return self._read("scores").astype(np.float32)
 
     def prompt_embeddings(self) -> np.ndarray | None:
         """(P, D) float32: each prompt's text-side vector the maps were computed against; None in older files."""
         if "prompt_embeddings" not in self._f:
             return None
-        return self._f["prompt_embeddings"][()].astype(np.float32)
+        return self._read("prompt_embeddings").astype(np.float32)
 
     def record(self, i: int) -> ImageRecord:
         self._check(i)
@@ -812,8 +853,12 @@ class HeatmapFile:
 
     def _records(self, rows: slice) -> list[ImageRecord]:
         f = self._f
-        ints = {name: f[name][rows].tolist() for name in _INT_COLUMNS}
-        strs = {name: decode_text(f[name], rows) for name in _STR_COLUMNS}
+        try:
+            ints = {name: f[name][rows].tolist() for name in _INT_COLUMNS}
+            strs = {name: decode_text(f[name], rows) for name in _STR_COLUMNS}
+        except OSError as exc:
+            raise AflocError(f"cannot read the image records: {_one_line(exc)}", path=self.path,
+                             hint=_DAMAGED_HINT) from None
         out = []
         for k in range(len(strs["path"])):
             letterbox = (
@@ -925,7 +970,7 @@ def merge(inputs: Sequence[str | Path], out: str | Path, overwrite: bool = False
         def rows() -> Iterator[Row]:
             for g in order:
                 k, row = owner[g]
-                yield g, records[k][row], scores[k][row], opened[k]._f["heatmaps"][row]
+                yield g, records[k][row], scores[k][row], opened[k].stored_maps(row)
 
         tmp = _final_tmp_name(out)
         try:
