@@ -235,3 +235,14 @@ def test_heatmap_read_errors_are_one_line_naming_the_file(tmp_path, capsys):
         assert run(argv) == 2
         _one_line_error(capsys, f"{damaged}: cannot read /heatmaps[1]", "filter returned failure")
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "m.h5").exists()
+
+
+def test_scores_json_counts_failed_images_not_rows(tmp_path, capsys):
+    """One unreadable image with 3 prompts is 1 failed image (localize's own count), not 3."""
+    import json
+
+    hm = _heatmap_file(tmp_path / "run.h5", ["a.png", "broken.png"], failed=(1,), prompts=3)
+    capsys.readouterr()
+    assert run(["scores", str(hm), "--out", str(tmp_path / "s.csv"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 6 and summary["failed_images"] == 1

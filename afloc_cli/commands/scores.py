@@ -34,5 +34,7 @@ def scores_command(
                      else table.write_csv)
     except OSError as exc:
         raise AflocError(f"cannot write the table: {exc.strerror or exc}", path=out) from None
-    summary = {"out": str(out), "rows": table.height, "failed_images": int((table["status"] != "ok").sum())}
+    # A failed image has one row per prompt: count its index once, as localize counts it.
+    failed_images = table.filter(table["status"] != "ok")["index"].n_unique()
+    summary = {"out": str(out), "rows": table.height, "failed_images": failed_images}
     typer.echo(json.dumps(summary) if as_json else f"wrote {table.height} rows to {out}")
