@@ -246,3 +246,13 @@ def test_scores_json_counts_failed_images_not_rows(tmp_path, capsys):
     assert run(["scores", str(hm), "--out", str(tmp_path / "s.csv"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 6 and summary["failed_images"] == 1
+
+
+def test_scores_table_suffix_is_case_insensitive(tmp_path):
+    import polars as pl
+
+    hm = _heatmap_file(tmp_path / "run.h5", ["a.png"], prompts=2)
+    assert run(["scores", str(hm), "--out", str(tmp_path / "S.CSV")]) == 0
+    assert pl.read_csv(tmp_path / "S.CSV").height == 2
+    assert run(["scores", str(hm), "--out", str(tmp_path / "S.Parquet")]) == 0
+    assert pl.read_parquet(tmp_path / "S.Parquet").height == 2

@@ -22,7 +22,8 @@ def scores_command(
     """Score, peak location (original pixels) and area above a threshold, per image x prompt."""
     from afloc_cli.heatmaps.readout import open_heatmaps, output_folder, score_table
 
-    if out.suffix not in (".parquet", ".csv"):
+    suffix = out.suffix.lower()  # results.CSV is a CSV table too
+    if suffix not in (".parquet", ".csv"):
         raise AflocError("--out must end in .parquet or .csv", path=out)
     if out.is_dir():
         raise AflocError("is a folder, not a file", path=out, hint="name the table file")
@@ -30,7 +31,7 @@ def scores_command(
     with open_heatmaps(heatmaps) as hf:
         table = score_table(hf, threshold, readout)
     try:
-        write_atomic(out, (lambda tmp: table.write_parquet(tmp, statistics=False)) if out.suffix == ".parquet"
+        write_atomic(out, (lambda tmp: table.write_parquet(tmp, statistics=False)) if suffix == ".parquet"
                      else table.write_csv)
     except OSError as exc:
         raise AflocError(f"cannot write the table: {exc.strerror or exc}", path=out) from None
