@@ -256,3 +256,12 @@ def test_scores_table_suffix_is_case_insensitive(tmp_path):
     assert pl.read_csv(tmp_path / "S.CSV").height == 2
     assert run(["scores", str(hm), "--out", str(tmp_path / "S.Parquet")]) == 0
     assert pl.read_parquet(tmp_path / "S.Parquet").height == 2
+
+
+def test_export_refuses_a_bad_readout_before_making_its_folder(tmp_path, capsys):
+    hm = _heatmap_file(tmp_path / "run.h5", ["a.png"], prompts=2)
+    capsys.readouterr()
+    for kind in ("--png", "--npy", "--chexlocalize"):
+        assert run(["export", str(hm), kind, str(tmp_path / "maps"), "--readout", "bogus"]) == 2
+        _one_line_error(capsys, "readout must be reference or contrast, not 'bogus'")
+        assert not (tmp_path / "maps").exists()

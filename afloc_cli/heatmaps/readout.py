@@ -128,6 +128,7 @@ def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
 
 def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """16-bit grey PNGs of the [-1, 1] map at original size (0 = -1, 65535 = +1, NaN -> 0)."""
+    readout = resolve_readout(hf, readout)  # refuse a bad readout before the folder is made
     output_folder(folder)
     n = 0
     for i, p, heat in iter_original_maps(hf, readout):
@@ -145,6 +146,7 @@ def _save_npy(path: Path, heat: np.ndarray) -> None:
 
 def export_npy(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
     """float32 .npy maps at original size (raw similarity, or its contrast; NaN outside the image)."""
+    readout = resolve_readout(hf, readout)  # refuse a bad readout before the folder is made
     output_folder(folder)
     n = 0
     for i, p, heat in iter_original_maps(hf, readout):
