@@ -265,3 +265,22 @@ def test_export_refuses_a_bad_readout_before_making_its_folder(tmp_path, capsys)
         assert run(["export", str(hm), kind, str(tmp_path / "maps"), "--readout", "bogus"]) == 2
         _one_line_error(capsys, "readout must be reference or contrast, not 'bogus'")
         assert not (tmp_path / "maps").exists()
+
+
+def test_an_unfinished_runs_output_says_to_resume(tmp_path, capsys):
+    """OUT.h5 is not there yet, but its journal OUT.h5.partial/ is: say so, not just 'not found'."""
+    from afloc_cli.heatmaps.store import HeatmapWriter
+
+    out = tmp_path / "run.h5"
+    HeatmapWriter(out, paths=["a.png"], prompts=["a"], grid=3, attrs={"checkpoint_sha256": "0"}).close()
+    assert (tmp_path / "run.h5.partial").is_dir() and not out.exists()
+    capsys.readouterr()
+    for argv in (["scores", str(out), "--out", str(tmp_path / "s.csv")],
+                 ["export", str(out), "--npy", str(tmp_path / "npy")],
+                 ["merge", str(out), "--out", str(tmp_path / "m.h5")]):
+        assert run(argv) == 2
+        _one_line_error(capsys, f"{out}: heat-map file not found: its run has not finished", "run.h5.partial",
+                        "afloc localize command with --resume")
+    assert run(["scores", str(tmp_path / "none.h5"), "--out", str(tmp_path / "s.csv")]) == 2
+    line = _one_line_error(capsys, "none.h5: heat-map file not found")
+    assert "--resume" not in line

@@ -246,6 +246,5 @@ def export_chexlocalize(hf: HeatmapFile, folder: Path, tasks: dict[str, str] | N
 
 
 def open_heatmaps(path: Path) -> HeatmapFile:
-    if not path.exists():
-        raise AflocError("heat-map file not found", path=path)
+    """The file scores and export read; HeatmapFile.open says why one cannot be (and if its run is unfinished)."""
     return HeatmapFile.open(path)

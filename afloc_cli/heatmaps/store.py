@@ -761,6 +761,11 @@ class HeatmapFile:
     def open(cls, path: str | Path) -> HeatmapFile:
         path = Path(path)
         if not path.exists():
+            journal = path.with_name(path.name + JOURNAL_SUFFIX)
+            if journal.is_dir():  # the output's run is still going, or was interrupted
+                raise AflocError(f"heat-map file not found: its run has not finished ({journal} holds its journal)",
+                                 path=path, hint="wait for it, or if it was stopped, finish it by running the same "
+                                                 "afloc localize command with --resume")
             raise AflocError("heat-map file not found", path=path)
         if path.is_dir():
             raise AflocError("is a folder, not a heat-map file", path=path,
