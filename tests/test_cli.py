@@ -284,3 +284,11 @@ def test_an_unfinished_runs_output_says_to_resume(tmp_path, capsys):
     assert run(["scores", str(tmp_path / "none.h5"), "--out", str(tmp_path / "s.csv")]) == 2
     line = _one_line_error(capsys, "none.h5: heat-map file not found")
     assert "--resume" not in line
+
+
+def test_export_npy_names_change_only_the_final_suffix(tmp_path):
+    hm = _heatmap_file(tmp_path / "run.h5", ["in/scan.png.dcm"], prompts=1)
+    assert run(["export", str(hm), "--npy", str(tmp_path / "npy")]) == 0
+    assert [p.name for p in (tmp_path / "npy").iterdir()] == ["000000_scan.png__p000_finding-0.npy"]
+    assert run(["export", str(hm), "--png", str(tmp_path / "png")]) == 0
+    assert [p.name for p in (tmp_path / "png").iterdir()] == ["000000_scan.png__p000_finding-0.png"]

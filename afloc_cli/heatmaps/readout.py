@@ -123,7 +123,8 @@ def output_folder(folder: Path) -> None:
 def _name(hf: HeatmapFile, i: int, p: int, suffix: str) -> str:
     from afloc_cli.vlp.overlay import overlay_name
 
-    return overlay_name(hf.record(i).path, int(hf.indices[i]), p, hf.prompts[p]).replace(".png", suffix)
+    # Only the final suffix: an image stem may itself hold ".png" (scan.png.dcm).
+    return overlay_name(hf.record(i).path, int(hf.indices[i]), p, hf.prompts[p]).removesuffix(".png") + suffix
 
 
 def export_png(hf: HeatmapFile, folder: Path, readout: str | None = None) -> int:
