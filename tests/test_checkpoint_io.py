@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +34,41 @@ def test_roundtrip_is_exact(small_model, saved):
         torch.testing.assert_close(getattr(a, level), getattr(b, level), rtol=0, atol=0)
     prompts = ["small left pleural effusion", "Pneumothorax"]
     torch.testing.assert_close(small_model.encode_prompts(prompts), loaded.encode_prompts(prompts), rtol=0, atol=0)
+
+
+# Saves the conftest's tiny model (fixed seed) with a provenance whose strings need JSON escaping.
+_SAVE_TINY = r"""
+import sys, torch
+from afloc_cli.checkpoint.io import save_checkpoint
+from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
+from afloc_cli.vlp.model import build_model
+torch.manual_seed(0)
+cfg = small_config().replace(
+    image=ImageConfig(arch="resnet18", hidden_sizes=(8, 16, 32, 64), embedding_size=8, internal_size=None),
+    preprocess=PreprocessConfig(image_size=64),
+)
+print(save_checkpoint(build_model(cfg).eval(), sys.argv[1], provenance={"note": "caf\u00e9 \u2028 \x01 / \\"}))
+"""
+
+
+def test_the_same_model_gives_the_same_file_in_any_process(tmp_path: Path) -> None:
+    """The header's metadata order once followed a per-process hash: two imports of one checkpoint differed."""
+    repo = Path(__file__).resolve().parents[1]
+    runs = {}
+    for seed in ("1", "2"):  # two processes at once: each has its own hash seeds (Python's and Rust's)
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+        runs[seed] = subprocess.Popen([sys.executable, "-c", _SAVE_TINY, str(tmp_path / f"model{seed}.safetensors")],
+                                      env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shas = []
+    for seed, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        shas.append(out.strip().splitlines()[-1])
+        assert shas[-1] == sha256_file(tmp_path / f"model{seed}.safetensors")
+    assert shas[0] == shas[1]
+    assert (tmp_path / "model1.safetensors").read_bytes() == (tmp_path / "model2.safetensors").read_bytes()
+    assert read_header(tmp_path / "model1.safetensors").provenance == {"note": "caf\u00e9 \u2028 \x01 / \\"}
 
 
 def test_header_carries_config_and_tokenizer(saved, small_model):

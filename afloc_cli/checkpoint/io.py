@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,36 @@ def _tokenizer_files(text: TextEncoder) -> dict[str, str]:
         return files
 
 
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a just-written safetensors header with its `__metadata__` keys in sorted order, in place.
+
+    safetensors serialises the metadata from a Rust HashMap whose order changes with every process, so the same
+    weights and metadata gave a different file (and sha256) each time, and outputs made with two copies of one
+    checkpoint would not merge. Only the order changes: the header keeps its length (the JSON is re-serialised the
+    way safetensors writes it, padding included) and the tensor bytes and offsets are untouched; readers never
+    depended on the order, so checkpoints written before still load.
+    """
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(canonical) > length:  # safetensors escaped the JSON differently: keep nothing half-done
+            raise CheckpointError("internal error: cannot sort the safetensors header in place", path=path)
+        f.seek(8)
+        f.write(canonical.ljust(length, b" "))
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """safetensors' writer, then the header made byte-reproducible (see `_sort_header_metadata`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    _sort_header_metadata(path)
+
+
 def save_checkpoint(model: AflocModel, path: Path | str, provenance: dict[str, Any] | None = None) -> str:
-    """Write `model` to `path` atomically; returns the file's sha256."""
+    """Write `model` to `path` atomically; returns the file's sha256, the same for the same weights and metadata."""
     path = Path(path)
     metadata = {
         "format": FORMAT,
@@ -65,7 +94,7 @@ def save_checkpoint(model: AflocModel, path: Path | str, provenance: dict[str, A
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=True)
+        write_atomic(path, lambda tmp: _write_safetensors(tensors, metadata, tmp), fsync=True)
     except OSError as exc:
         raise CheckpointError(f"cannot write here: {exc.strerror}", path=path.parent) from exc
     return sha256_file(path)
