@@ -6,10 +6,32 @@ other finished file (tables, exported maps, overlays, checkpoints, the training 
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+_NAME_TRIES = 100
+
+
+def _create_temporary(target: Path) -> Path:
+    """Create an empty, unique temporary beside `target`, with the mode a new file gets under the umask.
+
+    `os.open(..., 0o666)` lets the kernel apply the umask (and a folder's default ACL), as for any new file;
+    tempfile.mkstemp would make it 0600, and that mode would survive the rename, so tables and checkpoints were
+    unreadable to the rest of a group sharing the folder while the .h5 next to them was not.
+    """
+    for _ in range(_NAME_TRIES):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def write_atomic(target: Path, write: Callable[[Path], None], *, fsync: bool = False) -> None:
@@ -18,12 +40,16 @@ def write_atomic(target: Path, write: Callable[[Path], None], *, fsync: bool = F
     The temporary name is unique, so two runs writing one folder never share it; a write that fails (a full disk,
     an interrupt) removes it, so nothing stray is left beside the real file. `fsync` flushes the data to disk
     before the rename, for files whose loss after a power cut would cost hours (checkpoints).
+
+    A new file gets the mode of any new file (0666 less the umask). A file that is replaced keeps its permission
+    bits, as it would if it were rewritten in place (`open(path, "w")`, h5py): someone who shared or restricted a
+    result with chmod should not see --overwrite quietly undo that.
     """
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _create_temporary(target)
     try:
         write(tmp)
+        with contextlib.suppress(FileNotFoundError):  # no old file: the new one keeps its umask mode
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) & 0o777)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,30 @@ def test_each_write_has_its_own_temporary(tmp_path: Path) -> None:
     for _ in range(2):
         write_atomic(tmp_path / "t.csv", lambda tmp: (seen.append(tmp), tmp.write_text("x")))
     assert seen[0] != seen[1] and all(p.parent == tmp_path and p.name.startswith(".t.csv.") for p in seen)
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_a_new_file_gets_the_umask_mode_not_0600(tmp_path: Path, umask_027: None) -> None:
+    """mkstemp's 0600 once survived the rename: tables and checkpoints were private, the .h5 beside them was not."""
+    target = tmp_path / "scores.csv"
+    write_atomic(target, lambda tmp: tmp.write_text("x\n"), fsync=True)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    os.umask(0o002)
+    write_atomic(tmp_path / "other.csv", lambda tmp: tmp.write_text("x\n"))
+    assert stat.S_IMODE((tmp_path / "other.csv").stat().st_mode) == 0o664
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path: Path, umask_027: None) -> None:
+    """--overwrite must not undo a chmod that shared (or restricted) a result."""
+    for mode in (0o644, 0o600):
+        target = tmp_path / f"summary{mode:o}.csv"
+        target.write_text("old\n")
+        target.chmod(mode)
+        write_atomic(target, lambda tmp: tmp.write_text("new\n"))
+        assert target.read_text() == "new\n" and stat.S_IMODE(target.stat().st_mode) == mode
