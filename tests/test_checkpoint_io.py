@@ -113,3 +113,52 @@ def test_inspect_cli_missing_file_one_line_exit_2(tmp_path, capsys):
     assert code == 2
     assert "missing.safetensors" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def _one_line_error(args: list[str], capsys) -> str:
+    code = run(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_damaged_and_foreign_files_are_named_for_what_they_are(saved, tmp_path: Path, capsys) -> None:
+    """A damaged safetensors file, or no checkpoint at all, was "not a readable PyTorch checkpoint (KeyError: 208)"."""
+    import h5py
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from afloc_cli.checkpoint.loader import load_any
+
+    data = saved[0].read_bytes()
+    data_start = 8 + int.from_bytes(data[:8], "little")
+    cases = {"header_cut.safetensors": data[:50_000], "data_cut.safetensors": data[: data_start + 1000]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        err = _one_line_error(["inspect", str(tmp_path / name)], capsys)
+        assert name in err and "truncated safetensors file" in err and "PyTorch" not in err
+        with pytest.raises(CheckpointError, match="truncated safetensors file"):  # compile, localize --checkpoint
+            load_any(tmp_path / name)
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    assert "a safetensors file, but not an afloc checkpoint" in _one_line_error(["inspect", str(plain)], capsys)
+    with h5py.File(tmp_path / "run.h5", "w") as f:
+        f["x"] = [1]
+    assert "not a checkpoint: an HDF5 file" in _one_line_error(["inspect", str(tmp_path / "run.h5")], capsys)
+    Image.new("L", (4, 4)).save(tmp_path / "image.png")
+    assert "not a checkpoint: a PNG image" in _one_line_error(["inspect", str(tmp_path / "image.png")], capsys)
+
+
+def test_inspect_an_afloc_file_without_the_global_projection(saved, tmp_path: Path, capsys) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(saved[0]), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "image_encoder.global_embedder.weight"}  # noqa: SIM118
+    partial = tmp_path / "partial.safetensors"
+    save_file(tensors, str(partial), metadata=metadata)
+    err = _one_line_error(["inspect", str(partial)], capsys)
+    assert "partial.safetensors" in err and "image_encoder.global_embedder.weight" in err
+

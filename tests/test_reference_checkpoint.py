@@ -20,9 +20,11 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from afloc_cli.checkpoint.reference import (
     ReferenceCheckpoint,
@@ -483,6 +485,16 @@ def test_files_that_are_not_checkpoints(tmp_path):
     torch.save(torch.zeros(3), suffix)
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         read_reference_checkpoint(suffix)
+    # Read as pickles, these were "not a readable PyTorch checkpoint (KeyError: 56)": say what they are.
+    real_safetensors = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(3)}, str(real_safetensors))
+    with pytest.raises(CheckpointError, match="a safetensors file, not the reference's Lightning .ckpt"):
+        read_reference_checkpoint(real_safetensors)
+    heat_maps = tmp_path / "run.h5"
+    with h5py.File(heat_maps, "w") as f:
+        f["x"] = [1]
+    with pytest.raises(CheckpointError, match="not a checkpoint: an HDF5 file"):
+        read_reference_checkpoint(heat_maps)
 
 
 def test_load_any_imports_a_reference_file(reference_file, tiny_bert_folder):

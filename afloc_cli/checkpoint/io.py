@@ -14,7 +14,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -110,30 +110,103 @@ class CheckpointHeader:
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def is_afloc_checkpoint(path: Path | str) -> bool:
+_HEAD_BYTES = 132  # enough for every signature below (DICOM's is at 128)
+_OTHER_FORMATS = (  # (offset, signature, what the file is): files people pass by mistake
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (afloc's heat maps are .h5)"),
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (128, b"DICM", "a DICOM file"),
+)
+CHECKPOINTS_HINT = ("afloc reads the checkpoints `afloc import-reference` and `afloc pretrain` write, "
+                    "and the reference's Lightning .ckpt")
+
+
+def read_head(path: Path) -> bytes:
+    """The first bytes of `path`: enough to tell its format."""
+    with open(path, "rb") as f:
+        return f.read(_HEAD_BYTES)
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """The safetensors layout: an 8-byte little-endian header length, then the header, a JSON object."""
+    return len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] >= 2
+
+
+def other_format(head: bytes) -> str | None:
+    """What a file that is no checkpoint is (an HDF5 file, an image...), if its signature says so."""
+    if not head:
+        return "an empty file"
+    for offset, signature, what in _OTHER_FORMATS:
+        if head[offset : offset + len(signature)] == signature:
+            return what
+    return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Why a file laid out as safetensors is incomplete or damaged, in words; None when its layout is whole.
+
+    safetensors' own errors ("MetadataIncompleteBuffer") do not say that a file was cut short, the common case.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if 8 + length > size:
+            return f"truncated safetensors file: its header alone needs {8 + length:,} bytes, the file has {size:,}"
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return "damaged safetensors file: its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "damaged safetensors file: its header is not a JSON object"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # noqa: BLE001 - anything unreadable is simply "not ours"
-        return False
+        end = max((int(info["data_offsets"][1]) for key, info in header.items() if key != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "damaged safetensors file: a tensor in its header has no data offsets"
+    if size < 8 + length + end:
+        return f"truncated safetensors file: {size:,} of {8 + length + end:,} bytes"
+    return None
+
+
+def checkpoint_kind(path: Path) -> Literal["afloc", "reference"]:
+    """Which reader `path` needs, decided by its bytes: "afloc" (header checked here) or "reference".
+
+    A damaged or foreign safetensors file once fell through to the reference's pickle reader, which called it
+    "not a readable PyTorch checkpoint (KeyError: 208)"; now its own problem is reported. Everything else goes to
+    the reference reader, which names files that are no checkpoint at all (HDF5, images).
+    """
+    if not path.is_file():
+        raise CheckpointError("checkpoint not found", path=path, hint="pass --checkpoint PATH or set AFLOC_CHECKPOINT")
+    if looks_like_safetensors(read_head(path)):
+        read_header(path)
+        return "afloc"
+    return "reference"
 
 
 def read_header(path: Path | str) -> CheckpointHeader:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path=path, hint="pass --checkpoint PATH or set AFLOC_CHECKPOINT")
+    head = read_head(path)
+    if not looks_like_safetensors(head):
+        what = other_format(head)
+        raise CheckpointError(
+            f"not an afloc checkpoint: {what}" if what else "not an afloc checkpoint (not a safetensors file)",
+            path=path,
+            hint="reference Lightning checkpoints are converted with `afloc import-reference`",
+        )
+    damage = _safetensors_damage(path)
+    if damage:
+        raise CheckpointError(damage, path=path, hint="the file is incomplete or damaged: copy or write it again")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(
-            "not an afloc checkpoint (unreadable safetensors)",
-            path=path,
-            hint="reference Lightning checkpoints are converted with `afloc import-reference`",
-        ) from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise CheckpointError(f"unreadable safetensors file ({reason})", path=path) from exc
     if meta.get("format") != FORMAT:
-        raise CheckpointError("safetensors file without afloc metadata", path=path)
+        raise CheckpointError("a safetensors file, but not an afloc checkpoint (no afloc metadata)", path=path,
+                              hint=CHECKPOINTS_HINT)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"unsupported checkpoint format version {meta.get('format_version')}", path=path)
     try:

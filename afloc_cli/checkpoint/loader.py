@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from afloc_cli.checkpoint.io import is_afloc_checkpoint, load_checkpoint, sha256_file
+from afloc_cli.checkpoint.io import checkpoint_kind, load_checkpoint, sha256_file
 from afloc_cli.errors import CheckpointError
 from afloc_cli.vlp.model import AflocModel
 
@@ -40,7 +40,7 @@ def load_any(path: Path, text_model: str | None = None) -> LoadedCheckpoint:
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path=path, hint=f"pass --checkpoint PATH or set {CHECKPOINT_ENV}")
     sha = sha256_file(path)
-    if is_afloc_checkpoint(path):
+    if checkpoint_kind(path) == "afloc":
         return LoadedCheckpoint(load_checkpoint(path), path, sha, "afloc", [])
     from afloc_cli.checkpoint.reference import read_reference_checkpoint, to_model
     from afloc_cli.text.model.loading import resolve_text_model

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import torch
 
+from afloc_cli.checkpoint.io import CHECKPOINTS_HINT, looks_like_safetensors, other_format, read_head
 from afloc_cli.config import RESNET_ARCHS, ImageConfig, ModelConfig, TextConfig
 from afloc_cli.errors import CheckpointError
 from afloc_cli.vlp.model import AflocModel, build_model
@@ -493,6 +494,13 @@ def read_reference_checkpoint(path: Path | str) -> ReferenceCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path=path, hint="pass the reference .ckpt file")
+    head = read_head(path)
+    if looks_like_safetensors(head):  # its pickle reader would say "KeyError: 208"
+        raise CheckpointError("a safetensors file, not the reference's Lightning .ckpt", path=path,
+                              hint="an afloc checkpoint needs no import: pass it to --checkpoint")
+    what = other_format(head)
+    if what:
+        raise CheckpointError(f"not a checkpoint: {what}", path=path, hint=CHECKPOINTS_HINT)
     return _build_checkpoint(_unpickle_file(path), path)
 
 

@@ -15,6 +15,8 @@ from afloc_cli.errors import CheckpointError
 if TYPE_CHECKING:
     from afloc_cli.config import ImageConfig
 
+_GLOBAL_PROJECTION = "image_encoder.global_embedder.weight"
+
 
 def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
     total = 0
@@ -38,17 +40,25 @@ def _levels(image: ImageConfig, image_size: int, dim: int) -> dict[str, str]:
     }
 
 
+def _embed_dim(shapes: dict[str, tuple[int, ...]], path: Path) -> int:
+    """The joint embedding's size, from the global projection; a file without it gets a one-line error."""
+    shape = shapes.get(_GLOBAL_PROJECTION)
+    if not shape:
+        raise CheckpointError(f"the checkpoint has no {_GLOBAL_PROJECTION}: not a complete AFLoc model", path=path)
+    return int(shape[0])
+
+
 def describe(path: Path) -> dict[str, Any]:
     """A JSON-able description of the checkpoint at `path`."""
-    from afloc_cli.checkpoint.io import is_afloc_checkpoint, read_header, sha256_file
+    from afloc_cli.checkpoint.io import checkpoint_kind, read_header, sha256_file
 
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path=path)
-    if is_afloc_checkpoint(path):
+    if checkpoint_kind(path) == "afloc":
         header = read_header(path)
         shapes = header.tensor_shapes
         cfg = header.config
-        dim = int(shapes["image_encoder.global_embedder.weight"][0])
+        dim = _embed_dim(shapes, path)
         return {
             "path": str(path),
             "kind": "afloc",
@@ -71,7 +81,7 @@ def describe(path: Path) -> dict[str, Any]:
     ref = read_reference_checkpoint(path)
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict.items()}
     image = ref.image_config()
-    dim = int(shapes["image_encoder.global_embedder.weight"][0])
+    dim = _embed_dim(shapes, path)
     return {
         "path": str(path),
         "kind": "reference (PyTorch Lightning)",
