@@ -162,3 +162,9 @@ def test_inspect_an_afloc_file_without_the_global_projection(saved, tmp_path: Pa
     err = _one_line_error(["inspect", str(partial)], capsys)
     assert "partial.safetensors" in err and "image_encoder.global_embedder.weight" in err
 
+
+def test_inspect_prints_the_whole_sha256_in_80_columns(saved, capsys, monkeypatch) -> None:
+    """The table was cut to the terminal's (or a pipe's) 80 columns, and the sha256 users copy lost its end."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run(["inspect", str(saved[0])]) == 0
+    assert saved[1] in capsys.readouterr().out

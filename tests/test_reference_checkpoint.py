@@ -516,6 +516,10 @@ def test_import_reference_and_inspect_cli(reference_file, tiny_bert_folder, tmp_
     info = json.loads(capsys.readouterr().out)
     assert info["kind"].startswith("reference")
     assert any("pooler" in line for line in info["unmatched_keys"])
+    # The table, in an 80-column pipe, shows the unmatched key names in full.
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run(["inspect", str(src)]) == 0
+    assert "afloc.text_encoder.model.pooler.dense.weight: unused (pooler not used by AFLoc)" in capsys.readouterr().out
 
     out = tmp_path / "imported.safetensors"
     assert run(["import-reference", str(src), "--text-model", str(tiny_bert_folder), "--out", str(out), "--json"]) == 0

@@ -118,4 +118,9 @@ def inspect_command(
         table.add_row(f"parameters {part}", f"{n:,}")
     for line in info.get("unmatched_keys", []):
         table.add_row("unmatched", line)
-    Console().print(table)
+    # As wide as the longest row: cut to an 80-column terminal or a pipe, the sha256 (which users copy from here)
+    # and the key names lost their ends.
+    console = Console()
+    unbounded = console.options.update_width(1_000_000)
+    console.width = max(console.width, console.measure(table, options=unbounded).maximum)
+    console.print(table)
