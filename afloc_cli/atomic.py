@@ -16,12 +16,12 @@ from pathlib import Path
 _NAME_TRIES = 100
 
 
-def _create_temporary(target: Path) -> Path:
-    """Create an empty, unique temporary beside `target`, with the mode a new file gets under the umask.
+def _create_temporary(target: Path) -> tuple[Path, int]:
+    """Create an empty, unique temporary beside `target`; returns it and the mode a new file gets here.
 
-    `os.open(..., 0o666)` lets the kernel apply the umask (and a folder's default ACL), as for any new file;
-    tempfile.mkstemp would make it 0600, and that mode would survive the rename, so tables and checkpoints were
-    unreadable to the rest of a group sharing the folder while the .h5 next to them was not.
+    `os.open(..., 0o666)` lets the kernel apply the umask, as for any new file; tempfile.mkstemp would make it
+    0600, and that mode survived the rename, so tables and checkpoints were unreadable to the rest of a group
+    sharing the folder while the .h5 next to them was not.
     """
     for _ in range(_NAME_TRIES):
         tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
@@ -29,8 +29,10 @@ def _create_temporary(target: Path) -> Path:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
-        os.close(fd)
-        return tmp
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
     raise FileExistsError(f"no free temporary name beside {target}")
 
 
@@ -45,11 +47,12 @@ def write_atomic(target: Path, write: Callable[[Path], None], *, fsync: bool = F
     bits, as it would if it were rewritten in place (`open(path, "w")`, h5py): someone who shared or restricted a
     result with chmod should not see --overwrite quietly undo that.
     """
-    tmp = _create_temporary(target)
+    tmp, mode = _create_temporary(target)
     try:
         write(tmp)
-        with contextlib.suppress(FileNotFoundError):  # no old file: the new one keeps its umask mode
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode) & 0o777)
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777
+        os.chmod(tmp, mode)  # also when `write` replaced the temporary with a file of its own (safetensors: 0600)
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

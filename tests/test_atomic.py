@@ -50,6 +50,18 @@ def test_a_new_file_gets_the_umask_mode_not_0600(tmp_path: Path, umask_027: None
     assert stat.S_IMODE((tmp_path / "other.csv").stat().st_mode) == 0o664
 
 
+def test_a_writer_that_makes_its_own_private_file_still_gives_the_umask_mode(tmp_path: Path, umask_027: None) -> None:
+    """safetensors' save_file replaces the temporary with a 0600 file of its own: checkpoints stayed private."""
+
+    def private_writer(tmp: Path) -> None:
+        tmp.unlink()
+        tmp.write_text("x\n")
+        tmp.chmod(0o600)
+
+    write_atomic(tmp_path / "model.safetensors", private_writer)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
+
+
 def test_a_replaced_file_keeps_its_mode(tmp_path: Path, umask_027: None) -> None:
     """--overwrite must not undo a chmod that shared (or restricted) a result."""
     for mode in (0o644, 0o600):

@@ -168,3 +168,13 @@ def test_inspect_prints_the_whole_sha256_in_80_columns(saved, capsys, monkeypatc
     monkeypatch.setenv("COLUMNS", "80")
     assert run(["inspect", str(saved[0])]) == 0
     assert saved[1] in capsys.readouterr().out
+
+
+def test_a_checkpoint_gets_the_umask_mode(small_model, tmp_path: Path) -> None:
+    """safetensors writes its files 0600; a checkpoint on shared storage must be readable as the umask allows."""
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(small_model, tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o640
