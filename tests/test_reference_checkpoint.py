@@ -538,3 +538,23 @@ def test_import_reference_and_inspect_cli(reference_file, tiny_bert_folder, tmp_
     assert run(["import-reference", str(src), "--out", str(tmp_path / "other.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --text-model FOLDER" in err and BERT_NAME in err
+
+
+def test_import_reference_checks_out_before_converting(reference_file, tiny_bert_folder, tmp_path, capsys, monkeypatch):
+    """--out X.ckpt --overwrite once replaced the input it converted; --out FOLDER failed only at the end."""
+    import afloc_cli.checkpoint.reference as reference
+    from afloc_cli.cli import run
+
+    src = tmp_path / "Pretrained_CXR.ckpt"
+    shutil.copy(reference_file[0], src)
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr(reference, "to_model", lambda *a, **k: pytest.fail("converted before checking --out"))
+    cases = [(src, "the output is the input"), (tmp_path / "sub" / ".." / src.name, "the output is the input"),
+             (tmp_path / "sub", "is a folder")]
+    for out, why in cases:
+        code = run(["import-reference", str(src), "--text-model", str(tiny_bert_folder), "--out", str(out),
+                    "--overwrite"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and why in err and f"{out}: " in err, err
+    assert src.read_bytes() == before

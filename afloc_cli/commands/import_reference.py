@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 
 from afloc_cli.commands import stderr_console
 from afloc_cli.errors import AflocError, TextModelError
+
+
+def _check_out(ckpt: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an --out that cannot be written before the (long) conversion, naming --out.
+
+    --out X.ckpt for the input X.ckpt with --overwrite replaced the authors' checkpoint by its conversion (and
+    the recorded source_sha256 then named a file that no longer existed); a folder failed only at the very end.
+    """
+    if out.exists() and ckpt.exists() and os.path.samefile(out, ckpt):
+        raise AflocError("the output is the input: it would replace the reference checkpoint it converts",
+                         path=out, hint="write the afloc checkpoint elsewhere (e.g. model.safetensors)")
+    if out.is_dir():
+        raise AflocError("is a folder: --out names the checkpoint file to write", path=out,
+                         hint="e.g. --out FOLDER/model.safetensors")
+    if out.exists() and not overwrite:
+        raise AflocError("output exists", path=out, hint="use --overwrite")
 
 
 def import_reference_command(
@@ -26,8 +43,7 @@ def import_reference_command(
     from afloc_cli.checkpoint.reference import read_reference_checkpoint, to_model
     from afloc_cli.text.model.loading import resolve_text_model
 
-    if out.exists() and not overwrite:
-        raise AflocError("output exists", path=out, hint="use --overwrite")
+    _check_out(ckpt, out, overwrite)
     ref = read_reference_checkpoint(ckpt)
     name = text_model or ref.text_model_name()
     if not name:
