@@ -96,6 +96,37 @@ def test_inputs_folders_lists_and_dicom_without_extension(tmp_path):
         collect_inputs([tmp_path / "missing"])
 
 
+def test_csv_list_header_is_recognised_or_refused(tmp_path):
+    """A header row is never read as an image path: a known column is used, an unknown header is an error."""
+    for name in ("1.png", "2.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    listing = tmp_path / "list.csv"
+    listing.write_text("Image,report\n1.png,x\n2.png,y\n")  # any capitals
+    assert [p.name for p in collect_inputs([listing]).paths] == ["1.png", "2.png"]
+    listing.write_text("report,FILE_PATH\nx,1.png\n")
+    assert [p.name for p in collect_inputs([listing]).paths] == ["1.png"]
+    listing.write_text("1.png,x\n2.png,y\n")  # no header: the first column, first row included
+    assert [p.name for p in collect_inputs([listing]).paths] == ["1.png", "2.png"]
+    listing.write_text("study,report\n1.png,x\n")
+    with pytest.raises(AflocError) as caught:
+        collect_inputs([listing])
+    message = str(caught.value)
+    assert message.startswith(f"{listing}: no path column in the header (study, report)")
+    assert "path, image_path, image, file, filename, file_path" in message and "\n" not in message
+
+
+def test_localize_refuses_an_unknown_csv_header_before_any_work(tmp_path, tiny_checkpoint, capsys):
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "a.png")
+    listing = tmp_path / "list.csv"
+    listing.write_text("study,report\na.png,x\n")
+    out = tmp_path / "o.h5"
+    capsys.readouterr()
+    assert _localize([str(listing), "--prompt", "left effusion", "--out", str(out)], tiny_checkpoint) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"afloc: error: {listing}: no path column"), err
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+
+
 def test_walk_sniffs_dicoms_named_by_uid(tmp_path):
     """PACS exports name files by SOP Instance UID: `.123` is not an extension, the DICM magic decides."""
     magic = b"\0" * 128 + b"DICM" + b"\0" * 16

@@ -102,7 +102,9 @@ def _overlay_writer(folder: Path, prompts: list[str], sigma: float, margin: int,
 
 
 def localize_command(
-    inputs: list[Path] = typer.Argument(..., help="Files, folders (recursive) or CSV/TXT lists of paths."),
+    inputs: list[Path] = typer.Argument(..., help="Files, folders (recursive) or CSV/TXT lists of paths (a CSV "
+                                        "names its path column path, image_path, image, file, filename or "
+                                        "file_path, or has no header and the paths first)."),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line, # comments."),
     prompt: list[str] | None = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint (default: $AFLOC_CHECKPOINT)."),

@@ -14,7 +14,8 @@ from afloc_cli.image.data.io import is_dicom
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LIST_SUFFIXES = {".csv", ".txt", ".lst"}
-PATH_COLUMNS = ("path", "image_path", "file", "filename", "Path")
+# A CSV list's path column, whatever its capitals; without any of these the list must have no header row.
+PATH_COLUMNS = ("path", "image_path", "image", "file", "filename", "file_path")
 MEDIA_DIRECTORY_SOP_CLASS = "1.2.840.10008.1.3.10"  # the DICOMDIR of a DICOM media export: an index, no pixels
 
 
@@ -102,7 +103,8 @@ def _walk(folder: Path, state: _Walk) -> Iterator[Path]:
 
 
 def _read_list(list_file: Path) -> list[Path]:
-    """A CSV (column `path`, or the first column) or a text file of paths, relative to the list's folder."""
+    """A CSV (a path column, or the first column when there is no header) or a text file of paths, relative to
+    the list's folder."""
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -110,17 +112,42 @@ def _read_list(list_file: Path) -> list[Path]:
     base = list_file.parent
     entries: list[str] = []
     if list_file.suffix.lower() == ".csv":
-        rows = list(csv.reader(text.splitlines()))
+        rows = [row for row in csv.reader(text.splitlines()) if any(cell.strip() for cell in row)]
         if not rows:
             return []
-        header = [h.strip() for h in rows[0]]
-        column = next((header.index(c) for c in PATH_COLUMNS if c in header), None)
-        body = rows[1:] if column is not None else rows
-        column = column or 0
+        column, body = _path_column(rows, list_file)
         entries = [row[column].strip() for row in body if len(row) > column and row[column].strip()]
     else:
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return [p if p.is_absolute() else base / p for p in map(Path, entries)]
+
+
+def _path_column(rows: list[list[str]], list_file: Path) -> tuple[int, list[list[str]]]:
+    """Which column holds the paths, and the rows after the header if there is one.
+
+    A header is recognised by a column named as in PATH_COLUMNS (any capitals). A first row without one is data
+    only if its first cell looks like a path (an existing file, a folder separator or an image suffix); anything
+    else is a header we cannot read, refused before any work rather than taken for an image.
+    """
+    header = [cell.strip().lower() for cell in rows[0]]
+    for name in PATH_COLUMNS:
+        if name in header:
+            return header.index(name), rows[1:]
+    first = rows[0][0].strip()
+    if _looks_like_path(first, list_file.parent):
+        return 0, rows
+    raise AflocError(f"no path column in the header ({', '.join(rows[0])})", path=list_file,
+                     hint=f"name the column of image paths one of {', '.join(PATH_COLUMNS)}, or list the paths "
+                          "in the first column with no header row")
+
+
+def _looks_like_path(text: str, base: Path) -> bool:
+    if not text:
+        return False
+    if "/" in text or "\\" in text or os.path.splitext(text)[1].lower() in IMAGE_SUFFIXES:
+        return True
+    path = Path(text)
+    return (path if path.is_absolute() else base / path).exists()
 
 
 def collect_inputs(arguments: list[Path], exclude: Iterable[Path] = ()) -> Inputs:
