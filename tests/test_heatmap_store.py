@@ -538,6 +538,18 @@ def test_path_that_is_not_utf8_is_stored_exactly(tmp_path: Path) -> None:
         assert hf.paths[1] == name
 
 
+def test_a_journal_still_being_written_is_not_called_interrupted(tmp_path: Path) -> None:
+    """Two torchrun ranks given one --out: the second must hear that a run is writing there, not that one died."""
+    out = tmp_path / "x.h5"
+    first = small_writer(out)
+    with pytest.raises(AflocError, match="another afloc run is writing this output") as caught:
+        small_writer(out)
+    assert "interrupted" not in str(caught.value)
+    first.close()
+    with pytest.raises(AflocError, match="an interrupted run left its journal here"):
+        small_writer(out)
+
+
 def test_fresh_run_takes_the_lock_before_touching_a_journal(tmp_path: Path) -> None:
     """A run that has made its journal but not yet its manifest must not lose it to a second fresh run."""
     out = tmp_path / "x.h5"

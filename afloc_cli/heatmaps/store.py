@@ -238,6 +238,28 @@ def _remove_tree(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _journal_in_use(journal: Path) -> bool:
+    """True while a live process holds the journal's lock, so a refusal can say the run is still going.
+
+    Only chooses the message: the probe's lock is dropped at once and never decides who writes.
+    """
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(journal / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held; any other failure (no locking on this file system) says nothing
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def _clear_journal(journal: Path) -> None:
     """Empty a journal whose lock we hold, keeping the lock; the manifest goes first, so a kill half-way
     leaves a journal that reads as fresh."""
@@ -433,6 +455,8 @@ class HeatmapWriter:
             pass  # a fresh journal below; its lock refuses to trample a run that is still writing
         elif manifest.exists():
             if not resume:
+                if _journal_in_use(self.journal):  # not interrupted: still running (a torchrun rank with this --out)
+                    raise self._busy()
                 raise AflocError("an interrupted run left its journal here", path=self.journal,
                                  hint="use --resume to complete it or --overwrite to start over")
             self._lock()
@@ -513,8 +537,7 @@ class HeatmapWriter:
         that finished (or was replaced) in the meantime has moved the journal away."""
         if fcntl is None or self._lock_fd is not None:
             return
-        busy = AflocError("another afloc run is writing this output", path=self.out,
-                          hint="wait for it to finish, or stop it first")
+        busy = self._busy()
         lock = self.journal / "lock"
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -528,6 +551,10 @@ class HeatmapWriter:
             os.close(fd)
             raise busy from None
         self._lock_fd = fd
+
+    def _busy(self) -> AflocError:
+        return AflocError("another afloc run is writing this output", path=self.out,
+                          hint="wait for it to finish, or stop it first")
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
