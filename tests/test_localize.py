@@ -22,7 +22,7 @@ from afloc_cli.config import small_config
 from afloc_cli.errors import AflocError
 from afloc_cli.heatmaps.store import HeatmapFile, content_differences, equal_contents
 from afloc_cli.image.data.transforms import Letterbox
-from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
+from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices, shard_output
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.text.inference_engine import parse_prompts
 from afloc_cli.vlp.heatmap import original_map
@@ -231,6 +231,18 @@ def test_shards():
     assert sorted(sum(parts, [])) == list(range(10))
 
 
+def test_shard_output_fills_rank_and_refuses_one_file_for_all_ranks():
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2"}
+    assert shard_output(Path("part-{rank}.h5"), "auto", (1, 2), torchrun) == Path("part-1.h5")
+    assert shard_output(Path("/o/{rank}/part-{rank}.h5"), "3/4", (3, 4), {}) == Path("/o/3/part-3.h5")
+    assert shard_output(Path("part-7.h5"), "auto", (0, 8), {"SLURM_ARRAY_TASK_ID": "7"}) == Path("part-7.h5")
+    assert shard_output(Path("all.h5"), "auto", (0, 1), {"RANK": "0", "WORLD_SIZE": "1"}) == Path("all.h5")
+    with pytest.raises(AflocError, match=r"every rank gets the same --out all.h5 .*put \{rank\} in it"):
+        shard_output(Path("all.h5"), "auto", (1, 2), torchrun)
+    with pytest.raises(AflocError, match=r"\{rank\} is filled only when sharding"):
+        shard_output(Path("part-{rank}.h5"), None, None, torchrun)
+
+
 # ---- the command, with a real (tiny) model --------------------------------------------------------
 
 
@@ -285,6 +297,30 @@ def test_localize_cli_exit_codes_and_json(tmp_path, tiny_checkpoint, image_folde
     assert run(["localize", str(image_folder), "--prompt", "a b", "--out", str(tmp_path / "x.h5"),
                 "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_shard_auto_under_torchrun_writes_one_file_per_rank(tmp_path, tiny_checkpoint, image_folder, capsys,
+                                                            monkeypatch):
+    """torchrun gives every rank the same --out: refused before any work unless {rank} makes one file per rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = [str(image_folder), "--prompt", "left effusion", "--shard", "auto"]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert _localize([*args, "--out", str(tmp_path / "all.h5")], tiny_checkpoint) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "every rank gets the same --out" in err[0] and "{rank}" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no journal
+    parts = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert _localize([*args, "--out", str(tmp_path / "part-{rank}.h5")], tiny_checkpoint) == 0
+        parts.append(tmp_path / f"part-{rank}.h5")
+        with HeatmapFile.open(parts[-1]) as hf:
+            assert hf.n_images == 5 and hf.attrs["n_inputs"] == 10
+    assert run(["merge", *map(str, parts), "--out", str(tmp_path / "all.h5")]) == 0
+    with HeatmapFile.open(tmp_path / "all.h5") as hf:
+        assert hf.n_images == 10
 
 
 @pytest.mark.parametrize("folder", ["scan[red]", "cr[/b]"])

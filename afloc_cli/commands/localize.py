@@ -108,7 +108,8 @@ def localize_command(
     prompts_file: Path | None = typer.Option(None, "--prompts", help="UTF-8 file, one prompt per line, # comments."),
     prompt: list[str] | None = typer.Option(None, "--prompt", help="A prompt (repeatable)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint (default: $AFLOC_CHECKPOINT)."),
-    out: Path = typer.Option(..., "--out", help="Output HDF5 file."),
+    out: Path = typer.Option(..., "--out", help="Output HDF5 file. With --shard, {rank} in it becomes the shard's "
+                             "K, so each torchrun rank or Slurm array task writes its own file (part-{rank}.h5)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (GPU)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
@@ -129,7 +130,7 @@ def localize_command(
     """Localize every prompt in every radiograph; exit 0 if all images succeeded, 3 if some failed."""
     from afloc_cli.checkpoint.loader import checkpoint_path, load_any
     from afloc_cli.heatmaps.store import inputs_sha256
-    from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices
+    from afloc_cli.localize.inputs import collect_inputs, parse_shard, shard_indices, shard_output
     from afloc_cli.localize.runner import run_localize
     from afloc_cli.text.inference_engine import check_prompts
     from afloc_cli.vlp.inference_engine import LocalizationEngine, resolve_device
@@ -148,11 +149,12 @@ def localize_command(
         raise AflocError("--readout contrast compares each prompt's map with the other prompts' maps and needs two "
                          f"or more prompts; got {len(prompt_list.prompts)}", hint="add prompts or use the reference "
                          "readout", path=prompts_file)
+    shard_spec = parse_shard(shard)
+    out = shard_output(out, shard, shard_spec)
     collected = collect_inputs(list(inputs), exclude=_own_outputs(out, overlays))
     all_paths = collected.paths
     if not all_paths:
         raise AflocError("no radiographs found in the inputs", hint="DICOM, PNG, JPEG and TIFF files are read")
-    shard_spec = parse_shard(shard)
     indices = shard_indices(len(all_paths), shard_spec)
     paths = [all_paths[i] for i in indices]
     _check_outputs(out, overlays, all_paths, resume or overwrite)

@@ -219,6 +219,30 @@ def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[in
     return k, n
 
 
+RANK_PLACEHOLDER = "{rank}"
+
+
+def shard_output(out: Path, spec: str | None, shard: tuple[int, int] | None,
+                 env: dict[str, str] | None = None) -> Path:
+    """This process's `--out`: `{rank}` filled with the shard's K.
+
+    torchrun gives every rank the same command line, so without the placeholder every rank would write one
+    file: refused on every rank before any work, rather than a clash and a file holding one shard only.
+    """
+    text = str(out)
+    if RANK_PLACEHOLDER in text:
+        if shard is None:
+            raise AflocError(f"--out {out}: {RANK_PLACEHOLDER} is filled only when sharding",
+                             hint="add --shard auto (torchrun, Slurm array) or --shard K/N, or drop it")
+        return Path(text.replace(RANK_PLACEHOLDER, str(shard[0])))
+    env = dict(os.environ if env is None else env)
+    if spec == "auto" and shard is not None and shard[1] > 1 and "RANK" in env and "WORLD_SIZE" in env:
+        raise AflocError(f"--shard auto under torchrun ({shard[1]} ranks): every rank gets the same --out {out}",
+                         hint=f"put {RANK_PLACEHOLDER} in it (e.g. --out part-{RANK_PLACEHOLDER}.h5) so each rank "
+                              "writes its own file, then afloc merge them")
+    return out
+
+
 def shard_indices(n_items: int, shard: tuple[int, int] | None) -> list[int]:
     """Round-robin: item i goes to shard i mod N, so shards stay balanced whatever the folder order."""
     if shard is None:
