@@ -622,3 +622,32 @@ def test_nothing_to_score_says_why(tmp_path):
     with pytest.raises(AflocError, match="no items to score") as caught:
         run_benchmark("rsna", tmp_path, tmp_path / "out", localize=lambda *a: None, n_boot=0)
     assert "image not found" in str(caught.value.hint)
+
+
+def test_class_prompts_on_a_dataset_without_negatives_are_reported_unused(tmp_path, capsys):
+    """MS-CXR has no negatives, so no zero-shot AUROC: --class-prompts cannot be used, and the run says so."""
+    from PIL import Image
+
+    rel = "files/p10/p10000032/s50414267/abc.jpg"
+    image = tmp_path / "mimic-cxr-jpg/2.0.0" / rel
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.full((200, 160), 90, np.uint8)).save(image)
+    (tmp_path / "MS_CXR_Local_Alignment_v1.0.0.csv").write_text(
+        "dicom_id,category_name,label_text,path,x,y,w,h,image_width,image_height\n"
+        f"abc,Pneumonia,left lower opacity,{rel},20,40,60,60,160,200\n")
+    frame = Letterbox.for_shape(200, 160, 224).boxes_to_frame_mask([(20, 40, 60, 60)])
+    _frame_map_file(tmp_path / "maps.h5", [image], "left lower opacity", frame)
+    prompts = tmp_path / "cp.json"
+    prompts.write_text(json.dumps({"pneumonia": ["There is pneumonia."]}))
+    capsys.readouterr()
+    assert run(["benchmark", "ms-cxr", "--root", str(tmp_path), "--heatmaps", str(tmp_path / "maps.h5"),
+                "--out", str(tmp_path / "out"), "--bootstrap", "0", "--class-prompts", str(prompts)]) == 0
+    err = capsys.readouterr().err
+    assert "note: --class-prompts not used: the ms-cxr items scored include no image without a finding" in err
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    assert protocol["class_prompts"] is None
+    assert any(n.startswith("--class-prompts not used") for n in protocol["notes"])
+    # An unknown category is still an error, as on datasets with negatives.
+    prompts.write_text(json.dumps({"Nodule": ["There is a nodule."]}))
+    assert run(["benchmark", "ms-cxr", "--root", str(tmp_path), "--heatmaps", str(tmp_path / "maps.h5"),
+                "--out", str(tmp_path / "out"), "--bootstrap", "0", "--class-prompts", str(prompts)]) == 2

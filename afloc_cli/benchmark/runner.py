@@ -249,6 +249,10 @@ def run_benchmark(
 
     ensembles = resolve_class_prompts(class_prompts, categories, prompt_template)
     negatives = {c: fill_prompt(NEGATIVE_TEMPLATE, c) for c in categories}
+    notes: list[str] = []
+    if class_prompts and not has_negatives:  # checked above like everywhere, but there is nothing to use them on
+        notes.append(f"--class-prompts not used: the {dataset} items scored include no image without a finding, so "
+                     "there is no zero-shot AUROC for class prompts to score")
 
     paths = list(dict.fromkeys(str(it.image_path) for it in items))
     prompts = list(dict.fromkeys(it.prompt for it in items if it.positive))
@@ -276,7 +280,6 @@ def run_benchmark(
 
     rows: list[dict[str, Any]] = []
     score_rows: list[dict[str, Any]] = []
-    notes: list[str] = []
     rescaled = 0  # items whose truth is stated at another size than their image's (a resized copy)
     unscored: set[str] = set()  # items whose truth cannot be brought onto their image: problem rows
     unread: set[str] = set()  # images the heat-map file records as failed: problem rows

@@ -148,6 +148,8 @@ def benchmark_command(
                            split=split, prompt_template=prompt_template, prompt_source=prompt_source,
                            thresholds=sweep, n_boot=bootstrap, limit=limit, options=options, readout=readout,
                            class_prompts=ensembles, framing=framing)
+    for note in result.notes:  # also in protocol.json; stderr keeps --format json/csv output clean
+        console.print(f"note: {note}", style="yellow")
     if output_format == "json":
         typer.echo(json.dumps({"summary": result.summary.to_dicts(),
                                "auroc": None if result.auroc is None else result.auroc.to_dicts(),
