@@ -292,3 +292,27 @@ def test_export_npy_names_change_only_the_final_suffix(tmp_path):
     assert [p.name for p in (tmp_path / "npy").iterdir()] == ["000000_scan.png__p000_finding-0.npy"]
     assert run(["export", str(hm), "--png", str(tmp_path / "png")]) == 0
     assert [p.name for p in (tmp_path / "png").iterdir()] == ["000000_scan.png__p000_finding-0.png"]
+
+
+def test_every_command_takes_json(tmp_path, corpus, tiny_checkpoint, capsys):
+    """The README says every command takes --json for a machine-readable summary on stdout."""
+    import json
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    lacking = sorted(name for name, command in group.commands.items()
+                     if not any("--json" in p.opts for p in command.params))
+    assert lacking == []
+    capsys.readouterr()
+    assert run(["synth", str(tmp_path / "s"), "--n", "3", "--seed", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sum(summary["images"].values()) == 3 and summary["seed"] == 1
+    assert Path(summary["files"]["boxes"]).is_file()
+    args = ["benchmark", "synthetic", "--root", str(corpus), "--checkpoint", str(tiny_checkpoint), "--split", "test",
+            "--bootstrap", "0", "--workers", "0", "--limit", "4", "--out", str(tmp_path / "b")]
+    assert run([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["protocol"]["dataset"] == "synthetic" and result["summary"]
+    assert run([*args, "--json", "--format", "csv"]) == 2
+    assert "--json and --format csv contradict" in capsys.readouterr().err

@@ -104,6 +104,7 @@ def benchmark_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the heat maps and tables an earlier run "
                                    "left in --out (needed when the checkpoint, prompts, images or readout "
                                    "differ); without it a rerun resumes or reuses OUT/heatmaps.h5."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout (--format json)."),
 ) -> None:
     """Score localization (and zero-shot AUROC where negatives exist) against a dataset's own truth."""
     import numpy as np
@@ -119,6 +120,10 @@ def benchmark_command(
         raise AflocError("give --checkpoint (localize first) or --heatmaps FILE (score an existing file)")
     if output_format not in ("table", "json", "csv"):
         raise AflocError(f"--format must be table, json or csv, not {output_format!r}")
+    if as_json:  # every command's --json; --format json is the same output
+        if output_format == "csv":
+            raise AflocError("--json and --format csv contradict each other")
+        output_format = "json"
     try:
         sweep = tuple(float(t) for t in thresholds.split(","))
     except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -63,6 +64,25 @@ def _print_summary(console: Console, summary: CorpusSummary, seconds: float) -> 
     console.print(f"  description:  {out / SYNTH_JSON}")
 
 
+def _summary_json(summary: CorpusSummary, seconds: float) -> dict[str, object]:
+    """What the printed summary says, for scripts: counts per split and where each file is."""
+    cfg, out = summary.config, summary.out
+    return {
+        "out": str(out),
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "holdout": KIND_BY_KEY[cfg.holdout].category,
+        "images": summary.images,
+        "normal": summary.normal,
+        "boxes": summary.boxes,
+        "kinds": summary.kinds,
+        "formats": summary.formats,
+        "files": {"images": str(out / "files"), "boxes": str(out / GROUND_TRUTH_CSV), "labels": str(out / LABELS_CSV),
+                  "manifest": str(out / MANIFEST_CSV), "description": str(out / SYNTH_JSON)},
+        "seconds": round(seconds, 3),
+    }
+
+
 def synth_command(
     out: Path = typer.Argument(..., help="Folder to write the corpus into (created if missing)."),
     n: int = typer.Option(200, "--n", min=1, help="Number of images."),
@@ -76,13 +96,14 @@ def synth_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Write into a non-empty folder (an earlier corpus's images there are replaced)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Generate synthetic chest radiographs with reports, MS-CXR-style boxes and labels."""
     config = _config(n, seed, holdout)
     console = Console(soft_wrap=True, highlight=False, markup=False)  # paths print as they are
     n_workers = workers if workers is not None else _default_workers(n)
     start = time.perf_counter()
-    if n >= PROGRESS_FROM:
+    if n >= PROGRESS_FROM and not as_json:
         columns = (
             TextColumn("synth"),
             BarColumn(),
@@ -96,4 +117,8 @@ def synth_command(
             )
     else:
         summary = generate_corpus(out, config, workers=n_workers, overwrite=overwrite)
-    _print_summary(console, summary, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if as_json:
+        typer.echo(json.dumps(_summary_json(summary, seconds), sort_keys=True))
+    else:
+        _print_summary(console, summary, seconds)
