@@ -11,14 +11,38 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import TyperException
 
 from afloc_cli import __version__
 from afloc_cli.errors import AflocError
 
+
+def _blank_flag_types(command: TyperCommand | TyperGroup, ctx: typer.Context) -> None:
+    """Typer's Rich help (0.29) prints a value type after every option, flags too (`--json <bool>`), though a flag
+    takes no value (`--json true` is a usage error). An empty metavar leaves the type out, as its plain help does."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(TyperCommand):
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        _blank_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        _blank_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="afloc",
     help="Annotation-free pathology localization in chest radiographs from free-text prompts (AFLoc).",
     no_args_is_help=True,
@@ -58,18 +82,18 @@ def _register() -> None:
         synth,
     )
 
-    app.command("localize")(localize.localize_command)
-    app.command("scores")(scores.scores_command)
-    app.command("export")(export.export_command)
-    app.command("merge")(merge.merge_command)
-    app.command("benchmark")(benchmark.benchmark_command)
-    app.command("synth")(synth.synth_command)
-    app.command("prepare")(pretrain.prepare_command)
-    app.command("pretrain")(pretrain.pretrain_command)
-    app.command("compile")(compile.compile_command)
-    app.command("demo")(demo.demo_command)
-    app.command("inspect")(inspect.inspect_command)
-    app.command("import-reference")(import_reference.import_reference_command)
+    app.command("localize", cls=_Command)(localize.localize_command)
+    app.command("scores", cls=_Command)(scores.scores_command)
+    app.command("export", cls=_Command)(export.export_command)
+    app.command("merge", cls=_Command)(merge.merge_command)
+    app.command("benchmark", cls=_Command)(benchmark.benchmark_command)
+    app.command("synth", cls=_Command)(synth.synth_command)
+    app.command("prepare", cls=_Command)(pretrain.prepare_command)
+    app.command("pretrain", cls=_Command)(pretrain.pretrain_command)
+    app.command("compile", cls=_Command)(compile.compile_command)
+    app.command("demo", cls=_Command)(demo.demo_command)
+    app.command("inspect", cls=_Command)(inspect.inspect_command)
+    app.command("import-reference", cls=_Command)(import_reference.import_reference_command)
 
 
 def run(argv: list[str]) -> int:

@@ -2,14 +2,34 @@
 
     python -m afloc_cli.cli_reference > docs/cli.md
 
-A test regenerates it and compares with the committed file.
+It shows what `--help` shows: each usage line as the command prints it, and help texts after Rich markup (Typer's
+default markup mode), so an escaped `\\[` reads `[` here as it does on the terminal. A test regenerates it and
+compares with the committed file; another checks it against the `--help` output itself.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import typer.main
+from rich.text import Text
 
 from afloc_cli.cli import app
+
+
+def shown(text: str | None) -> str:
+    """A help text as `--help` prints it (markup applied, indentation removed), each paragraph on one line."""
+    text = inspect.cleandoc(text or "")
+    if app.rich_markup_mode == "rich":
+        text = Text.from_markup(text).plain
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
+
+
+def usage(name: str) -> str:
+    """`afloc NAME ...` exactly as the command's `--help` prints it after `Usage: `."""
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+    ctx = command.context_class(command, info_name=f"afloc {name}")
+    return command.get_usage(ctx).removeprefix("Usage:").strip()
 
 
 def _cell(text: object) -> str:
@@ -19,14 +39,10 @@ def _cell(text: object) -> str:
 def render() -> str:
     group = typer.main.get_command(app)
     lines = ["# afloc command reference", "", "Generated from the Typer app by "
-             "`python -m afloc_cli.cli_reference > docs/cli.md`; a test keeps it in sync.", ""]
+             "`python -m afloc_cli.cli_reference > docs/cli.md`; a test keeps it in sync with `--help`.", ""]
     for name in sorted(group.commands):  # type: ignore[attr-defined]
         command = group.commands[name]  # type: ignore[attr-defined]
-        lines += [f"## afloc {name}", "", (command.help or "").strip(), ""]
-        args = [p for p in command.params if p.param_type_name == "argument"]
-        if args:
-            usage = " ".join(p.name.upper() + ("..." if p.nargs == -1 else "") for p in args)
-            lines += [f"`afloc {name} {usage} [OPTIONS]`", ""]
+        lines += [f"## afloc {name}", "", shown(command.help), "", f"`{usage(name)}`", ""]
         lines += ["| argument / option | default | help |", "|---|---|---|"]
         for p in command.params:
             if p.name == "help":
@@ -35,7 +51,8 @@ def render() -> str:
             if getattr(p, "secondary_opts", None):
                 label += " / " + ", ".join(p.secondary_opts)
             default = "required" if p.required else ("" if p.default in (None, ()) else p.default)
-            lines.append(f"| `{_cell(label)}` | {_cell(default)} | {_cell(getattr(p, 'help', '') or '')} |")
+            text = " ".join(shown(getattr(p, "help", "")).split())  # one table cell: --help joins paragraphs too
+            lines.append(f"| `{_cell(label)}` | {_cell(default)} | {_cell(text)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +48,62 @@ def test_cli_reference_is_in_sync():
 
     committed = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
     assert committed == render(), "docs/cli.md is stale: run `python -m afloc_cli.cli_reference > docs/cli.md`"
+
+
+def _help_pages() -> dict[str, str]:
+    """Every command's `--help` as a user's terminal shows it, wide enough that no help text wraps."""
+    code = ("import sys\nfrom afloc_cli.cli import run\nfor name in sys.argv[1:]:\n"
+            "    print('=====', name)\n    run([name, '--help'])\n")
+    env = dict(os.environ, TERMINAL_WIDTH="4000", NO_COLOR="1", _TYPER_FORCE_DISABLE_TERMINAL="1")
+    env.pop("FORCE_COLOR", None)
+    out = subprocess.run([sys.executable, "-c", code, *sorted(COMMANDS)], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    pages = {}
+    for chunk in out.split("===== ")[1:]:
+        name, _, page = chunk.partition("\n")
+        pages[name] = page
+    return pages
+
+
+def _reference_sections() -> dict[str, tuple[str, list[str]]]:
+    """docs/cli.md per command: its usage line and the help cell of every row of its table."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    sections = {}
+    for section in text.split("\n## afloc ")[1:]:
+        name, _, body = section.partition("\n")
+        usage = next(line.strip("`") for line in body.splitlines() if line.startswith("`afloc "))
+        cells = [re.split(r"(?<!\\)\|", line)[3].strip().replace("\\|", "|")
+                 for line in body.splitlines() if line.startswith("| `")]
+        sections[name] = (usage, cells)
+    return sections
+
+
+def test_cli_reference_is_what_help_shows():
+    """docs/cli.md against the terminal: the same usage lines, every help text whole (no markup eating
+    `[prompt, ...]`), and flags shown without a value type (`--json`, not `--json <bool>`)."""
+    pages = _help_pages()
+    sections = _reference_sections()
+    assert set(sections) == COMMANDS == set(pages)
+    for name, (usage, cells) in sections.items():
+        page = pages[name]
+        flat = " ".join(page.replace("│", " ").split())
+        assert f"Usage: {usage}" in page, (name, usage)
+        for cell in cells:
+            assert " ".join(cell.split()) in flat, (name, cell)
+        assert "<bool>" not in page, name
+
+
+def test_help_texts_are_not_eaten_by_markup():
+    """Typer renders help as Rich markup: a literal `[word ...]` must be escaped (`\\[`) or it vanishes."""
+    import typer.main
+
+    from afloc_cli.cli_reference import shown
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        for text in texts:
+            assert "".join(shown(text).split()) == "".join(text.replace("\\[", "[").split()), (name, text)
 
 
 # ---- output paths and shards, with a real (tiny) model ----------------------------------------------

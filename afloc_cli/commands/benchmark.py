@@ -93,7 +93,7 @@ def benchmark_command(
     readout: str = typer.Option("reference", "--readout", help="reference (the paper's: each prompt's own map; "
                                 "AUROC from the prompt against 'No {finding}.') or contrast (maps and AUROC "
                                 "scores against the other categories' prompts; needs two or more)."),
-    class_prompts: Path | None = typer.Option(None, "--class-prompts", help="JSON {category: [prompt, ...]}: "
+    class_prompts: Path | None = typer.Option(None, "--class-prompts", help="JSON {category: \\[prompt, ...]}: "
                                               "the zero-shot score's positive prompts per category, their "
                                               "embeddings averaged as the reference does (default: the template "
                                               "alone). `afloc synth` writes one as class_prompts.json."),
