@@ -50,6 +50,15 @@ def test_cli_reference_is_in_sync():
     assert committed == render(), "docs/cli.md is stale: run `python -m afloc_cli.cli_reference > docs/cli.md`"
 
 
+def test_cli_reference_does_not_depend_on_the_machine():
+    """A default computed from the CPU count at import made docs/cli.md (and the sync test) differ per machine."""
+    code = ("import os\nos.cpu_count = lambda: 64\nfrom afloc_cli.cli_reference import render\n"
+            "print(render(), end='')\n")
+    rendered = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert rendered == committed
+
+
 def _help_pages() -> dict[str, str]:
     """Every command's `--help` as a user's terminal shows it, wide enough that no help text wraps."""
     code = ("import sys\nfrom afloc_cli.cli import run\nfor name in sys.argv[1:]:\n"

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from afloc_cli.commands import stderr_console
+from afloc_cli.commands import WORKERS_HELP, decode_workers, stderr_console
 from afloc_cli.errors import AflocError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def benchmark_command(
     mimic_root: Path | None = typer.Option(None, "--mimic-root", help="MS-CXR: the MIMIC-CXR-JPG 2.0.0 root."),
     device: str = typer.Option("auto", "--device"),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0),
+    workers: int | None = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     text_model: str | None = typer.Option(None, "--text-model", help="Text model folder for a reference .ckpt."),
     output_format: str = typer.Option("table", "--format", help="table, json or csv (the summary on stdout)."),
     readout: str = typer.Option("reference", "--readout", help="reference (the paper's: each prompt's own map; "
@@ -137,8 +137,9 @@ def benchmark_command(
         console.print(f"localizing {len(paths)} images x {len(prompts)} prompts into {h5} (resumable)")
         try:
             summary = run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
-                                   checkpoint_sha256=loaded.sha256, batch_size=batch_size, workers=workers,
-                                   resume=not overwrite, overwrite=overwrite, wanted=wanted)
+                                   checkpoint_sha256=loaded.sha256, batch_size=batch_size,
+                                   workers=decode_workers(workers), resume=not overwrite, overwrite=overwrite,
+                                   wanted=wanted)
         except ResumeMismatch as e:  # the store's hint is localize's; say which benchmark options lead there
             raise AflocError(f"the {e.what} differ from those of the earlier run in this --out "
                              f"({BECAUSE.get(e.what, 'other settings')})", path=h5,
