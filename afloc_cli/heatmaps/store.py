@@ -8,7 +8,8 @@ an fsync. `finalize` then builds the whole `.h5` in one go in a temporary file
 and renames it onto the output. A killed run leaves only whole batches behind,
 and `--resume` skips them. Rows are always written in input order, so a
 resumed run, a sharded-then-merged run and an uninterrupted run give the same
-file (only the `created` attribute differs, and not even that when it is given).
+file but for `created` and the rounding of values computed in other batches
+(docs/heatmaps.md gives the bounds).
 
 The schema is described in docs/heatmaps.md; keep the two in step.
 """
