@@ -651,3 +651,25 @@ def test_class_prompts_on_a_dataset_without_negatives_are_reported_unused(tmp_pa
     prompts.write_text(json.dumps({"Nodule": ["There is a nodule."]}))
     assert run(["benchmark", "ms-cxr", "--root", str(tmp_path), "--heatmaps", str(tmp_path / "maps.h5"),
                 "--out", str(tmp_path / "out"), "--bootstrap", "0", "--class-prompts", str(prompts)]) == 2
+
+
+def test_the_readmes_rsna_command_runs_on_rsna_as_downloaded(tiny_checkpoint, tmp_path):
+    """README: 'pointing --root at the folder as downloaded'. Kaggle's RSNA has no MedKLIP test list, so a
+    README command with --split test failed on it; every `afloc benchmark rsna` line there must run."""
+    import shlex
+
+    from dicom_factory import write_dicom  # tests/ is on sys.path under pytest
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    commands = [line for line in readme.splitlines() if line.startswith("afloc benchmark rsna ")]
+    assert commands
+    root = tmp_path / "rsna"
+    for name in ("p1", "p2", "p3"):
+        (root / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+        write_dicom(root / "stage_2_train_images" / f"{name}.dcm", np.full((64, 64), 100, np.uint16))
+    (root / "stage_2_train_labels.csv").write_text(
+        "patientId,x,y,width,height,Target\np1,100,200,300,400,1\np2,500,300,200,200,1\np3,,,,,0\n")
+    for line in commands:
+        args = shlex.split(line.replace("/data/rsna", str(root)).replace("afloc_ref.safetensors", str(tiny_checkpoint))
+                           .replace("results/rsna", str(tmp_path / "out")))[1:]
+        assert run([*args, "--bootstrap", "0", "--workers", "0", "--overwrite"]) == 0, line
