@@ -39,7 +39,9 @@ def _cell(text: object) -> str:
 def render() -> str:
     group = typer.main.get_command(app)
     lines = ["# afloc command reference", "", "Generated from the Typer app by "
-             "`python -m afloc_cli.cli_reference > docs/cli.md`; a test keeps it in sync with `--help`.", ""]
+             "`python -m afloc_cli.cli_reference > docs/cli.md`; a test keeps it in sync with `--help`.", "",
+             "Usage lines are those `--help` prints: `{name}` is a required argument, `[OPTIONS]` the options in "
+             "the table.", ""]
     for name in sorted(group.commands):  # type: ignore[attr-defined]
         command = group.commands[name]  # type: ignore[attr-defined]
         lines += [f"## afloc {name}", "", shown(command.help), "", f"`{usage(name)}`", ""]
