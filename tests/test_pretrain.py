@@ -227,6 +227,38 @@ def test_toml_config_and_overrides(tmp_path):
         load_config(None, ["nonsense=1"])
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "resnet18"], "unknown preset 'resnet18'"),
+    (["--set", "model.image.foo=1"], "unknown training settings: model.image.foo"),
+    (["--set", "model.foo.bar=1"], "unknown training settings: model.foo"),
+    (["--set", "model.image.arch=resnet7"], "unknown model.image.arch 'resnet7'"),
+    (["--set", "batch_size=abc"], "batch_size must be an integer, not 'abc'"),
+    (["--set", "batch_size=0"], "batch_size must be >= 1"),
+    (["--set", "optim.betas=0.5"], "optim.betas must be 2 comma-separated values"),
+    (["--set", "model.heatmap.level=top"], "model.heatmap.level must be one of"),
+    (["--set", "model=3"], "model is a section of settings"),
+    (["--set", "epochs=2", "--set", "epochs.x=1"], "cannot set epochs.x: epochs is a setting, not a section"),
+])
+def test_bad_settings_are_one_line_errors(cache, tmp_path, capsys, args, message):
+    """Every bad setting is the README's exit 2 with one line, before any training starts."""
+    assert run(["pretrain", str(cache), "--out", str(tmp_path / "bad"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_bad_setting_in_the_toml_file_names_the_file(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('batch_size = "many"\n[optim]\nlr = 0.001\n')
+    with pytest.raises(AflocError, match="batch_size must be an integer") as info:
+        load_config(path)
+    assert info.value.path == str(path)
+    with pytest.raises(AflocError) as info:
+        load_config(path, ["batch_size=big"])
+    assert info.value.path is None  # the bad value came from --set, not the file
+    assert load_config(path, ["batch_size=8", "optim.lr=1"]).optim.lr == 1.0  # an int where a float goes
+
+
 def test_pretrain_cli(cache, tmp_path, capsys):
     code = run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--json",
                 *sum((["--set", s] for s in [*TINY, "epochs=1", "max_steps=2"]), [])])

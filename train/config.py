@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from afloc_cli.config import ImageConfig, LossConfig, ModelConfig, TextConfig, small_config
+from afloc_cli.config import RESNET_ARCHS, ImageConfig, LossConfig, ModelConfig, TextConfig, small_config
 from afloc_cli.errors import AflocError
 from afloc_cli.text.data.sentences import REPORT_SAMPLING
 
@@ -63,6 +65,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class SettingError(AflocError):
+    """A bad training setting. `key` is its dotted name, so that `load_config` can name the TOML file when the
+    value came from there rather than from a `--set`."""
+
+    def __init__(self, message: str, *, key: str, path: str | Path | None = None, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.key = key
+
+
 def _coerce(value: str) -> Any:
     low = value.lower()
     if low in ("true", "false"):
@@ -82,8 +93,11 @@ def _coerce(value: str) -> Any:
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise SettingError(f"cannot set {dotted}: {where} is a setting, not a section", key=where)
     node[parts[-1]] = value
 
 
@@ -102,39 +116,150 @@ PRESETS: dict[str, ModelConfig] = {
     "small": small_config(),
 }
 
+_BAD = object()  # _convert's "this value does not fit the type"
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    """`value` as a field of type `hint` holds it (a TOML/--set list becomes a tuple, an int a float), or _BAD."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            out = _convert(value, arg)
+            if out is not _BAD:
+                return out
+        return _BAD
+    if origin is typing.Literal:
+        return value if isinstance(value, str) and value in typing.get_args(hint) else _BAD
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            return _BAD
+        items = [_convert(v, a) for v, a in zip(value, args, strict=True)]
+        return _BAD if any(item is _BAD for item in items) else tuple(items)
+    if hint is type(None):
+        return None if value is None else _BAD
+    if hint is bool:
+        return value if isinstance(value, bool) else _BAD
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _BAD
+    if hint is float:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _BAD
+    if hint is str:
+        return value if isinstance(value, str) else _BAD
+    raise TypeError(f"no settings check for the type {hint!r}")  # a new field type: teach _convert it
+
+
+def _describe(hint: Any) -> str:
+    """What a setting of type `hint` takes, for the error message."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"{len(args)} comma-separated values, each {_describe(args[0])}"
+    names = {type(None): "none", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def _build(kind: type, values: Any, prefix: str) -> Any:
+    """The dataclass `kind` from a settings table: every key one of its fields, every value of the field's type
+    (checked here, so that `batch_size=abc` is a one-line error and not a TypeError deep in training)."""
+    if not isinstance(values, dict):
+        key = prefix.rstrip(".")
+        raise SettingError(f"{key} is a section of settings, not a value ({values!r})", key=key)
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise SettingError(f"unknown training settings: {', '.join(prefix + k for k in unknown)}",
+                           key=prefix + unknown[0])
+    hints = typing.get_type_hints(kind)
+    args: dict[str, Any] = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            args[name] = _build(hint, value, f"{prefix}{name}.")
+            continue
+        converted = _convert(value, hint)
+        if converted is _BAD:
+            raise SettingError(f"{prefix}{name} must be {_describe(hint)}, not {value!r}", key=prefix + name)
+        args[name] = converted
+    return kind(**args)
+
+
+def _preset_model(preset: Any) -> ModelConfig:
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise SettingError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}", key="preset")
+    return PRESETS[preset]
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Values of the right type that training would still trip over."""
+    at_least = [
+        ("batch_size", cfg.batch_size, 1), ("epochs", cfg.epochs, 0), ("max_steps", cfg.max_steps, 1),
+        ("workers", cfg.workers, 0), ("checkpoint_every", cfg.checkpoint_every, 0), ("keep_best", cfg.keep_best, 0),
+        ("val_every", cfg.val_every, 0), ("val_batches", cfg.val_batches, 0), ("local_chunk", cfg.local_chunk, 1),
+        ("text_cache_mb", cfg.text_cache_mb, 0), ("optim.accumulate", cfg.optim.accumulate, 1),
+        ("optim.word_warmup", cfg.optim.word_warmup, 0), ("optim.word_start", cfg.optim.word_start, 0),
+        ("optim.lr", cfg.optim.lr, 0.0), ("optim.text_lr", cfg.optim.text_lr, 0.0),
+        ("optim.weight_decay", cfg.optim.weight_decay, 0.0),
+    ]
+    for key, value, low in at_least:
+        if value is not None and value < low:
+            unit = " optimizer steps" if key.startswith("optim.word_") else ""
+            raise SettingError(f"{key} must be >= {low}{unit}, not {value}", key=key)
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise SettingError(f"optim.betas must both be in [0, 1), not {list(cfg.optim.betas)}", key="optim.betas")
+    if cfg.report_sampling not in REPORT_SAMPLING:
+        raise SettingError(f"report_sampling must be one of {', '.join(REPORT_SAMPLING)}, "
+                           f"not {cfg.report_sampling!r}", key="report_sampling")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise SettingError(f"optim.ema_decay must be in [0, 1) (0: no weight average), not {cfg.optim.ema_decay}",
+                           key="optim.ema_decay")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise SettingError(f"precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}", key="precision")
+    if cfg.model.image.arch not in RESNET_ARCHS:
+        raise SettingError(f"unknown model.image.arch {cfg.model.image.arch!r}; expected one of "
+                           f"{sorted(RESNET_ARCHS)}", key="model.image.arch")
+
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A checked TrainConfig from a settings tree; `preset` names the model section's starting point."""
     data = dict(data)
     preset = data.pop("preset", None)
-    base_model = PRESETS[preset].to_dict() if preset else ModelConfig().to_dict()
-    if preset is not None and preset not in PRESETS:
-        raise AflocError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    model = ModelConfig.from_dict(_merge(base_model, data.pop("model", {})))
-    optim_values = dict(data.pop("optim", {}))
-    if "betas" in optim_values:
-        optim_values["betas"] = tuple(optim_values["betas"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise AflocError(f"unknown training settings: {sorted(unknown)}")
-    try:
-        cfg = TrainConfig(model=model, optim=OptimConfig(**optim_values), **data)
-    except TypeError as exc:
-        raise AflocError(f"bad training setting: {exc}") from exc
-    if cfg.report_sampling not in REPORT_SAMPLING:
-        raise AflocError(f"report_sampling must be one of {', '.join(REPORT_SAMPLING)}, not {cfg.report_sampling!r}")
-    if not 0.0 <= cfg.optim.ema_decay < 1.0:
-        raise AflocError(f"optim.ema_decay must be in [0, 1) (0: no weight average), not {cfg.optim.ema_decay}")
-    if cfg.optim.word_warmup < 0:
-        raise AflocError(f"optim.word_warmup must be >= 0 optimizer steps, not {cfg.optim.word_warmup}")
-    if cfg.optim.word_start < 0:
-        raise AflocError(f"optim.word_start must be >= 0 optimizer steps, not {cfg.optim.word_start}")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise AflocError(f"precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}")
+    base_model = (_preset_model(preset) if preset is not None else ModelConfig()).to_dict()
+    model = data.get("model", {})
+    if not isinstance(model, dict):
+        raise SettingError(f"model is a section of settings, not a value ({model!r})", key="model")
+    data["model"] = _merge(base_model, model)
+    cfg: TrainConfig = _build(TrainConfig, data, "")
+    _check_ranges(cfg)
     return cfg
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None, preset: str | None = None) -> TrainConfig:
+@dataclass
+class Settings:
+    """What one command line gave: the TOML file's settings with the `--set` overrides and `--preset` on top."""
+
+    data: dict[str, Any]
+    path: Path | None = None  # the TOML file, if any
+    given_keys: set[str] = field(default_factory=set)  # the dotted keys given on the command line
+
+    def resolve(self, data: dict[str, Any] | None = None) -> TrainConfig:
+        """from_dict(data or self.data); a bad setting read from the TOML file names that file."""
+        try:
+            return from_dict(self.data if data is None else data)
+        except SettingError as exc:
+            if self.path is None or exc.path is not None or self._from_command_line(exc.key):
+                raise
+            raise SettingError(exc.message, key=exc.key, path=self.path, hint=exc.hint) from None
+
+    def _from_command_line(self, key: str) -> bool:
+        return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in self.given_keys)
+
+
+def read_settings(path: Path | None, overrides: list[str] | None = None, preset: str | None = None) -> Settings:
     """TOML file (optional) + `a.b=value` overrides; `preset` picks the model shape to start from."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -142,16 +267,24 @@ def load_config(path: Path | None, overrides: list[str] | None = None, preset: s
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise AflocError("config file not found", path=path) from exc
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise AflocError(f"invalid TOML: {exc}", path=path) from exc
+    given: set[str] = set()
     if preset is not None:
         data["preset"] = preset
+        given.add("preset")
     for item in overrides or []:
         if "=" not in item:
             raise AflocError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
         _set(data, key.strip(), _coerce(value.strip()))
-    return from_dict(data)
+        given.add(key.strip())
+    return Settings(data, path, given)
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, preset: str | None = None) -> TrainConfig:
+    """TOML file (optional) + `a.b=value` overrides; `preset` picks the model shape to start from."""
+    return read_settings(path, overrides, preset).resolve()
 
 
 def with_losses(cfg: TrainConfig, losses: str | None) -> TrainConfig:
@@ -168,4 +301,5 @@ def with_losses(cfg: TrainConfig, losses: str | None) -> TrainConfig:
     return dataclasses.replace(cfg, model=cfg.model.replace(loss=loss))
 
 
-__all__ = ["ImageConfig", "LossConfig", "OptimConfig", "TextConfig", "TrainConfig", "load_config", "with_losses"]
+__all__ = ["ImageConfig", "LossConfig", "OptimConfig", "SettingError", "Settings", "TextConfig", "TrainConfig",
+           "load_config", "read_settings", "with_losses"]
