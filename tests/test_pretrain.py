@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from afloc_cli.checkpoint.io import read_header
 from afloc_cli.cli import run
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
@@ -268,6 +269,51 @@ def test_pretrain_cli(cache, tmp_path, capsys):
     assert run(["pretrain", str(cache), "--out", str(tmp_path / "cli"), "--set", "preset=small"]) == 2
     # Training flushes subnormals for speed; the process gets IEEE behaviour back afterwards.
     assert float(torch.tensor([1e-40]).mul(1.0).item()) != 0.0
+
+
+def _sets(*settings: str) -> list[str]:
+    return sum((["--set", s] for s in settings), [])
+
+
+def test_resume_takes_the_runs_saved_config(cache, tmp_path, capsys):
+    """--resume alone continues a run started with --config and --set under that run's settings; the same
+    settings given again are fine, other ones are refused on one line naming them, and only the run's length
+    and the machine-side settings may change."""
+    run_dir = tmp_path / "run"
+    toml = tmp_path / "tiny.toml"
+    toml.write_text('preset = "small"\nbatch_size = 4\nworkers = 0\ncheckpoint_every = 0\nprecision = "fp32"\n'
+                    'epochs = 2\n[optim]\nlr = 0.002\n[model.image]\nhidden_sizes = [8, 16, 32, 64]\n'
+                    'embedding_size = 8\n[model.preprocess]\nimage_size = 64\n')
+    assert run(["pretrain", str(cache), "--out", str(run_dir), "--config", str(toml), *_sets("max_steps=2")]) == 0
+    capsys.readouterr()
+
+    assert run(["pretrain", str(cache), "--out", str(run_dir), "--resume", *_sets("max_steps=4")]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with the run's saved config" in err and "changed: max_steps 2 -> 4" in err
+    cfg = read_header(run_dir / "model.safetensors").provenance["config"]
+    assert cfg["optim"]["lr"] == 0.002 and cfg["batch_size"] == 4 and cfg["max_steps"] == 4
+    lrs = [row.split(",")[6] for row in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert lrs == ["0.002"] * 4
+
+    refused = [
+        (_sets("optim.lr=0.001"), "optim.lr 0.002 (given 0.001)"),
+        (["--preset", "small"], "model.image.hidden_sizes [8, 16, 32, 64] (given [32, 64, 128, 256])"),
+        (["--losses", "global"], "model.loss.use_sentence True (given False)"),
+        (["--config", str(toml), *_sets("batch_size=8", "max_steps=6")], "batch_size 4 (given 8)"),
+    ]
+    for args, message in refused:
+        assert run(["pretrain", str(cache), "--out", str(run_dir), "--resume", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert str(last_checkpoint(run_dir) / "config.json") in err and "new --out" in err
+    assert json.loads((run_dir / "checkpoints" / "last.json").read_text())["step"] == 4  # nothing trained
+
+    # The run's own settings given again, with a longer run and another worker count: fine.
+    assert run(["pretrain", str(cache), "--out", str(run_dir), "--resume", "--config", str(toml),
+                *_sets("max_steps=5", "workers=1")]) == 0
+    assert read_header(run_dir / "model.safetensors").provenance["config"]["max_steps"] == 5
+    with pytest.raises(AflocError, match="do not fit this config's model"):  # not a state_dict traceback
+        Trainer(_cfg("model.image.embedding_size=16"), FrameCache(cache), run_dir).resume()
 
 
 def test_flush_denormals_is_scoped():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -287,6 +288,77 @@ def load_config(path: Path | None, overrides: list[str] | None = None, preset: s
     return read_settings(path, overrides, preset).resolve()
 
 
+# The settings a --resume may change. None of them changes what an optimizer step computes, so the resumed run
+# is still the run it continues, bit for bit, as a straight run with the new values would have been:
+# - epochs, max_steps: where the run stops. The schedule (StepLR, the word loss's warm-in) counts epochs and
+#   steps from the start and never looks at the total, so a run extended this way equals one planned longer;
+# - workers: how many processes load batches (every sample is a function of seed, epoch and item);
+# - checkpoint_every, keep_best: how often checkpoints are written and how many of the best are kept.
+# Anything else (the model, the optimizer, the batch, the seed, precision, validation, the losses) would make
+# the rest of the run a different run while the restored optimizer state and metrics.csv carry on the old one.
+CHANGEABLE_ON_RESUME = frozenset({"epochs", "max_steps", "workers", "checkpoint_every", "keep_best"})
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}, tuples as lists (as config.json holds them)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The dotted settings whose values differ: {key: (old, new)}."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return {key: (a[key], b.get(key)) for key in a if a[key] != b.get(key)}
+
+
+def read_saved_config(folder: Path) -> TrainConfig:
+    """The resolved config a checkpoint folder was saved with (its config.json)."""
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise AflocError("the checkpoint has no config.json", path=folder,
+                         hint="this run cannot be resumed; start a new --out") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AflocError(f"unreadable saved config: {exc}", path=path) from exc
+    if not isinstance(data, dict):
+        raise AflocError("the saved config is not a table of settings", path=path)
+    try:
+        return from_dict(data)
+    except AflocError as exc:
+        raise AflocError(f"the saved config is not valid here: {exc.message}", path=path) from None
+
+
+def config_for_resume(saved: TrainConfig, settings: Settings, losses: str | None, *, source: Path) -> TrainConfig:
+    """The config a --resume trains with: the run's saved one, with any settings given on the command line.
+
+    A setting not given keeps its saved value, so `--resume` alone continues the run as it was started. One given
+    again with its saved value is fine. One given with another value is refused, naming the keys, unless it is in
+    CHANGEABLE_ON_RESUME: silently taking it would train the rest of the run differently from what its restored
+    optimizer state and its checkpoints say (or fail on the weights, for another model shape).
+    """
+    given = dict(settings.data)
+    base = saved.to_dict()
+    if "preset" in given:  # a preset names the whole model section again, as it does for a new run
+        base["model"] = _preset_model(given.pop("preset")).to_dict()
+    cfg = with_losses(settings.resolve(_merge(base, given)), losses)
+    refused = {k: v for k, v in differences(saved, cfg).items() if k not in CHANGEABLE_ON_RESUME}
+    if refused:
+        shown = "; ".join(f"{key} {old!r} (given {new!r})" for key, (old, new) in list(refused.items())[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise AflocError(
+            f"--resume: the run was trained with other settings: {shown}{more}", path=source,
+            hint="leave them out to continue with the run's own settings (only "
+            f"{', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume), or start a new --out",
+        )
+    return cfg
+
+
 def with_losses(cfg: TrainConfig, losses: str | None) -> TrainConfig:
     """`--losses global,sent,word`: switch the three losses for ablations."""
     if losses is None:
@@ -301,5 +373,6 @@ def with_losses(cfg: TrainConfig, losses: str | None) -> TrainConfig:
     return dataclasses.replace(cfg, model=cfg.model.replace(loss=loss))
 
 
-__all__ = ["ImageConfig", "LossConfig", "OptimConfig", "SettingError", "Settings", "TextConfig", "TrainConfig",
-           "load_config", "read_settings", "with_losses"]
+__all__ = ["CHANGEABLE_ON_RESUME", "ImageConfig", "LossConfig", "OptimConfig", "SettingError", "Settings", "TextConfig",
+           "TrainConfig", "config_for_resume", "differences", "load_config", "read_saved_config", "read_settings",
+           "with_losses"]

@@ -172,7 +172,10 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / "checkpoints" / "last.json"
     if not pointer.is_file():
         return None
-    return pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        return pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AflocError(f"unreadable checkpoint pointer: {exc}", path=pointer) from None
 
 
 class Trainer:
@@ -283,7 +286,12 @@ class Trainer:
         folder = last_checkpoint(self.out)
         if folder is None:
             return False
-        self.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
+        try:
+            self.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
+        except RuntimeError as exc:  # the CLI resumes with the run's saved config, so only other callers get here
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+            raise AflocError(f"the checkpoint's weights do not fit this config's model ({first})", path=folder,
+                             hint="resume with the run's own settings (its config.json), or start a new run") from None
         blob = torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)
         st = blob["state"]
         self.state = TrainState(st["epoch"], st["batch_in_epoch"], st["step"], [tuple(b) for b in st["best"]])

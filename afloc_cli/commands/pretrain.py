@@ -66,21 +66,34 @@ def pretrain_command(
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from OUT/checkpoints/last.json."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
-    """Pretrain AFLoc's three contrastive losses (torchrun-ready: run under torchrun for DDP)."""
+    """Pretrain AFLoc's three contrastive losses (torchrun-ready: run under torchrun for DDP).
+
+    With --resume the run's own config (saved with its checkpoints) is the config: --config/--set/--preset/--losses
+    may repeat it, and may change only epochs, max_steps, workers, checkpoint_every and keep_best (to extend the
+    run, or to suit another machine), which leave every step's computation as it was."""
+    from train.config import config_for_resume, differences, read_saved_config, read_settings, with_losses
     from train.data import FrameCache, prepare_cache
+    from train.loop import last_checkpoint
     from train.main import train
 
     console = stderr_console()
-    from train.config import load_config, with_losses
-
-    cfg = with_losses(load_config(config, overrides, preset), losses)
+    settings = read_settings(config, overrides, preset)
+    checkpoint = last_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise AflocError("run folder already has checkpoints", path=out, hint="use --resume or a new --out")
+    if checkpoint is None:
+        cfg = with_losses(settings.resolve(), losses)
+    else:
+        saved = read_saved_config(checkpoint)
+        cfg = config_for_resume(saved, settings, losses, source=checkpoint / "config.json")
+        changed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differences(saved, cfg).items())
+        console.print(f"resuming with the run's saved config ({checkpoint / 'config.json'})"
+                      + (f", changed: {changed}" if changed else ""))
     cache_dir = data
     if not (data / "meta.json").is_file():
         cache_dir = out / "cache"
         console.print(f"preparing {data} into {cache_dir} ...")
         prepare_cache(data, cache_dir, size=cfg.model.preprocess.image_size, workers=cfg.workers)
-    if (out / "checkpoints" / "last.json").exists() and not resume:
-        raise AflocError("run folder already has checkpoints", path=out, hint="use --resume or a new --out")
     state = train(cfg, FrameCache(cache_dir), out, device=device, resume=resume, console=console,
                   show_progress=sys.stderr.isatty() and not as_json)
     summary = {"out": str(out), "steps": state.step, "epochs_done": state.epoch,
