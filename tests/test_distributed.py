@@ -5,13 +5,17 @@ from __future__ import annotations
 import functools
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
 from afloc_cli.config import ImageConfig, PreprocessConfig, small_config
@@ -19,6 +23,7 @@ from afloc_cli.text.data.sentences import prepare_report
 from afloc_cli.text.model.encoder import TextEncoder
 from afloc_cli.vlp.model import build_model
 from train.config import TrainConfig, with_losses
+from train.data import prepare_cache
 from train.distributed import DistInfo
 from train.loop import _Forward, compute_losses, levels_for
 
@@ -138,3 +143,42 @@ def test_two_gloo_ranks_across_the_word_start(tmp_path: Path, monkeypatch: pytes
         torch.testing.assert_close(got["losses"]["total"], losses["total"].detach(), rtol=1e-5, atol=1e-6)
         for key in WATCH:
             torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def _tiny_cache(root: Path, n: int = 10) -> Path:
+    """Ten small image-report pairs (eight to train on), prepared at 64 px."""
+    rng = np.random.default_rng(0)
+    rows = ["image_path,report,split"]
+    for i in range(n):
+        Image.fromarray((rng.random((48, 40)) * 255).astype(np.uint8)).save(root / f"img{i}.png")
+        rows.append(f"img{i}.png,\"{REPORTS[i % len(REPORTS)]}\",{'val' if i >= 8 else 'train'}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    prepare_cache(root / "manifest.csv", root / "cache", size=64, workers=0)
+    return root / "cache"
+
+
+def test_torchrun_pretrain_writes_one_metrics_file_and_resumes(tmp_path: Path):
+    """`torchrun -m afloc_cli pretrain` on 2 gloo ranks: only rank 0 writes metrics.csv (one header) and says
+    what it trained, and --resume of the run continues it."""
+    cache = _tiny_cache(tmp_path)
+    run = tmp_path / "run"
+    settings = ["preset=small", "model.image.hidden_sizes=8,16,32,64", "model.image.embedding_size=8",
+                "model.preprocess.image_size=64", "batch_size=4", "workers=0", "checkpoint_every=1",
+                "precision=fp32", "epochs=2", "max_steps=2", "val_every=0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "afloc_cli", "pretrain", str(cache), "--out", str(run), "--device", "cpu"]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def torchrun(*args: str) -> str:
+        done = subprocess.run([*command, *args], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    out = torchrun(*sum((["--set", s] for s in settings), []))
+    assert out.count("trained 2 steps") == 1, out
+    assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()] == ["step", "1", "2"]
+    out = torchrun("--resume", "--set", "max_steps=4")
+    assert out.count("trained 4 steps") == 1 and out.count("resumed from") == 1, out
+    steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()]
+    assert steps == ["step", "1", "2", "3", "4"]

@@ -171,6 +171,25 @@ def test_resume_is_exact(cache, tmp_path):
     _resume_matches_straight(cache, tmp_path, stop=7)  # stops mid-epoch 1
 
 
+def test_resume_repairs_a_metrics_file_with_a_repeated_header(cache, tmp_path):
+    """Runs of an earlier afloc under torchrun have every rank's header in metrics.csv: resume drops it (and the
+    rows of steps after the checkpoint) instead of crashing on int('step')."""
+    run_dir = tmp_path / "m"
+    Trainer(_cfg("epochs=2", "max_steps=3"), FrameCache(cache), run_dir).fit()
+    path = run_dir / "metrics.csv"
+    lines = path.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["step", "1", "2", "3"]
+    damaged = [lines[0], lines[1], lines[0], *lines[2:], "9,1,1.0,1.0,1.0,1.0,0.001,1.0,"]
+    path.write_text("\r\n".join(damaged) + "\r\n")
+    logs: list[str] = []
+    again = Trainer(_cfg("epochs=2", "max_steps=5"), FrameCache(cache), run_dir, log=logs.append)
+    assert again.resume()
+    again.fit()
+    rows = path.read_text().splitlines()
+    assert rows[:4] == lines and [row.split(",")[0] for row in rows[4:]] == ["4", "5"]
+    assert any("dropped 1 line(s) that were not rows" in line for line in logs), logs
+
+
 def test_ablation_switches(cache, tmp_path):
     cfg = with_losses(_cfg("epochs=1", "max_steps=1"), "global")
     trainer = Trainer(cfg, FrameCache(cache), tmp_path / "g")

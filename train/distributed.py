@@ -33,6 +33,11 @@ class DistInfo:
         return self.world > 1
 
 
+def launched_rank() -> int:
+    """The global rank torchrun gave this process (0 without torchrun), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_env() -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...), if any."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from afloc_cli.atomic import write_atomic
 from afloc_cli.checkpoint.io import save_checkpoint
 from afloc_cli.errors import AflocError
 from afloc_cli.image.data.transforms import normalize
@@ -41,6 +42,9 @@ from train.distributed import DistInfo, gather, gather_padded
 from train.ema import WeightAverage
 from train.losses import global_loss, local_loss
 from train.text_features import FrozenTextFeatures
+
+METRICS_FIELDS = ["step", "epoch", "loss", "loss_global", "loss_sentence", "loss_word", "lr", "images_per_s",
+                  "val_loss"]
 
 
 class NonFiniteLoss(AflocError):
@@ -310,7 +314,8 @@ class Trainer:
         torch.set_rng_state(blob["torch_rng"])
         if blob["cuda_rng"]:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        self.log(f"resumed from {folder} (step {self.state.step}, epoch {self.state.epoch})")
+        if self.dist.is_main:
+            self.log(f"resumed from {folder} (step {self.state.step}, epoch {self.state.epoch})")
         return True
 
     def _record_val(self, val_loss: float) -> None:
@@ -338,29 +343,44 @@ class Trainer:
         return total / count if count else None
 
     # ---- the loop ------------------------------------------------------------------------------
-    def _metrics_file(self) -> Path:
+    def _open_metrics(self) -> tuple[TextIO, csv.DictWriter]:
+        """metrics.csv, holding exactly the rows up to the step this run starts from, open to append its rows.
+
+        Rows of later steps are dropped: those steps run again. So is any line that is not a row, such as the
+        second header every rank of a torchrun run wrote before only rank 0 touched the file. The file is
+        replaced atomically, so an interrupt here never loses the rows already logged. Rank 0 only.
+        """
         path = self.out / "metrics.csv"
-        if path.exists() and self.state.step > 0:
-            rows = list(csv.DictReader(path.open()))
-            keep = [r for r in rows if int(r["step"]) <= self.state.step]
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["step"])
-                writer.writeheader()
-                writer.writerows(keep)
-        return path
+        rows: list[dict[str, str]] = []
+        if path.exists():
+            dropped = 0
+            with path.open(newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    step = row.get("step") or ""
+                    if not step.isdigit() or None in row or None in row.values():  # not a row of this table
+                        dropped += 1
+                    elif int(step) <= self.state.step:
+                        rows.append(row)
+            if dropped:
+                self.log(f"{path}: dropped {dropped} line(s) that were not rows (a repeated header, or a row "
+                         "cut short)")
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                table = csv.DictWriter(f, fieldnames=METRICS_FIELDS, extrasaction="ignore")
+                table.writeheader()
+                table.writerows(rows)
+
+        write_atomic(path, write)
+        metrics = path.open("a", newline="", encoding="utf-8")
+        return metrics, csv.DictWriter(metrics, fieldnames=METRICS_FIELDS)
 
     @flush_denormals()  # scoped: the process gets IEEE subnormals back afterwards
     def fit(self, on_step: Callable[[dict[str, float]], None] | None = None) -> TrainState:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self._metrics_file()
-        fields = ["step", "epoch", "loss", "loss_global", "loss_sentence", "loss_word", "lr", "images_per_s",
-                  "val_loss"]
-        new_file = not metrics_path.exists() or metrics_path.stat().st_size == 0
-        metrics = metrics_path.open("a", newline="")
-        writer = csv.DictWriter(metrics, fieldnames=fields)
-        if new_file:
-            writer.writeheader()
+        # Only rank 0 touches metrics.csv (the README's promise); the others log nothing.
+        metrics, writer = self._open_metrics() if self.dist.is_main else (None, None)
         self._train_mode(True)
         accumulate = max(1, cfg.optim.accumulate)
         try:
@@ -418,7 +438,7 @@ class Trainer:
                     if cfg.val_every and self.state.step % cfg.val_every == 0:
                         val = self.validate()
                         row["val_loss"] = "" if val is None else val
-                    if self.dist.is_main:
+                    if metrics is not None and writer is not None:
                         writer.writerow(row)
                         metrics.flush()
                     if on_step is not None:
@@ -435,7 +455,7 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 if not cfg.val_every:
                     val = self.validate()
-                    if val is not None and self.dist.is_main:
+                    if val is not None and metrics is not None and writer is not None:
                         writer.writerow({"step": self.state.step, "epoch": epoch, "val_loss": val})
                         metrics.flush()
                         self._record_val(val)
@@ -447,7 +467,8 @@ class Trainer:
                 self.log(f"interrupted: saved {folder}; continue with --resume")
             raise
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
 
     def _finish(self) -> TrainState:
         if self.dist.is_main:

@@ -73,10 +73,12 @@ def pretrain_command(
     run, or to suit another machine), which leave every step's computation as it was."""
     from train.config import config_for_resume, differences, read_saved_config, read_settings, with_losses
     from train.data import FrameCache, prepare_cache
+    from train.distributed import launched_rank
     from train.loop import last_checkpoint
     from train.main import train
 
     console = stderr_console()
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 speaks; every rank trains
     settings = read_settings(config, overrides, preset)
     checkpoint = last_checkpoint(out)
     if checkpoint is not None and not resume:
@@ -87,8 +89,9 @@ def pretrain_command(
         saved = read_saved_config(checkpoint)
         cfg = config_for_resume(saved, settings, losses, source=checkpoint / "config.json")
         changed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in differences(saved, cfg).items())
-        console.print(f"resuming with the run's saved config ({checkpoint / 'config.json'})"
-                      + (f", changed: {changed}" if changed else ""))
+        if main_rank:
+            console.print(f"resuming with the run's saved config ({checkpoint / 'config.json'})"
+                          + (f", changed: {changed}" if changed else ""))
     cache_dir = data
     if not (data / "meta.json").is_file():
         cache_dir = out / "cache"
@@ -96,6 +99,8 @@ def pretrain_command(
         prepare_cache(data, cache_dir, size=cfg.model.preprocess.image_size, workers=cfg.workers)
     state = train(cfg, FrameCache(cache_dir), out, device=device, resume=resume, console=console,
                   show_progress=sys.stderr.isatty() and not as_json)
+    if not main_rank:
+        return
     summary = {"out": str(out), "steps": state.step, "epochs_done": state.epoch,
                "model": str(out / "model.safetensors")}
     if as_json:
