@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def _resume_matches_straight(cache: Path, tmp_path: Path, *settings: str, stop: 
     first.fit()
     resumed = Trainer(_cfg("epochs=2", *settings), FrameCache(cache), tmp_path / "b")
     assert resumed.resume()
-    assert resumed.state.step == stop and resumed.state.epoch == stop // 5  # 5 steps per epoch
+    assert resumed.state.step == stop and resumed.state.epoch == (stop - 1) // 5  # 5 steps per epoch
     resumed.fit()
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
@@ -169,6 +170,15 @@ def _resume_matches_straight(cache: Path, tmp_path: Path, *settings: str, stop: 
 
 def test_resume_is_exact(cache, tmp_path):
     _resume_matches_straight(cache, tmp_path, stop=7)  # stops mid-epoch 1
+
+
+def test_resume_at_an_epoch_end_is_exact_and_quiet(cache, tmp_path):
+    """Stopped after an epoch's last step, the resumed run steps the schedule before any optimizer step of its
+    own: PyTorch must not warn that a learning-rate value was skipped (none was), and the model is the same."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _resume_matches_straight(cache, tmp_path, stop=5)
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in seen]
 
 
 def test_resume_repairs_a_metrics_file_with_a_repeated_header(cache, tmp_path):

@@ -301,6 +301,11 @@ class Trainer:
         self.state = TrainState(st["epoch"], st["batch_in_epoch"], st["step"], [tuple(b) for b in st["best"]])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
+        # The scheduler notes on the optimizer object, outside both state dicts, that optimizer.step() has run in
+        # this process, and warns that a schedule value was skipped when it steps first. A resumed run has
+        # stepped (its restored state says so), and the epoch's scheduler step can come first: at an epoch's end.
+        if self.state.step > 0:
+            self.optimizer._opt_called = True  # type: ignore[attr-defined]  # torch.optim.lr_scheduler's flag
         self.scaler.load_state_dict(blob["scaler"])
         if self.ema is not None:
             if blob.get("ema") is None:
