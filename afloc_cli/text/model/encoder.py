@@ -12,7 +12,8 @@ No projection head on the text side: the image side projects into this space.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,31 @@ def load_tokenizer(folder: Path | str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextlib.contextmanager
+def settings_kept(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """Give the Rust tokenizer back its truncation and padding settings after a call.
+
+    A call sets them on the tokenizer and leaves them there, and save_pretrained writes them into tokenizer.json:
+    a checkpoint's embedded tokenizer (so its sha256) would otherwise depend on whether, and how, the encoder
+    had tokenized anything in that process before the checkpoint was written.
+    """
+    backend = tokenizer.backend_tokenizer
+    truncation, padding = backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        if backend.truncation != truncation:
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+        if backend.padding != padding:
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
+
+
 class TextEncoder(nn.Module):
     def __init__(self, cfg: TextConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
@@ -115,14 +141,15 @@ class TextEncoder(nn.Module):
         way) at a fraction of the cost; compiled text engines, traced at
         max_length, ask for the full padding.
         """
-        enc = self.tokenizer(
-            [list(t.words) for t in texts],
-            is_split_into_words=True,
-            padding="max_length" if pad_to_max_length else "longest",
-            truncation=True,
-            max_length=self.cfg.max_length,
-            return_tensors="pt",
-        )
+        with settings_kept(self.tokenizer):
+            enc = self.tokenizer(
+                [list(t.words) for t in texts],
+                is_split_into_words=True,
+                padding="max_length" if pad_to_max_length else "longest",
+                truncation=True,
+                max_length=self.cfg.max_length,
+                return_tensors="pt",
+            )
         L = int(enc["input_ids"].shape[1])
         B = len(texts)
         unit_of_token = torch.full((B, L), L, dtype=torch.long)
