@@ -200,6 +200,34 @@ def test_resume_repairs_a_metrics_file_with_a_repeated_header(cache, tmp_path):
     assert any("dropped 1 line(s) that were not rows" in line for line in logs), logs
 
 
+def test_resuming_a_finished_run_leaves_it_alone(cache, tmp_path):
+    """A finished run resumed trains no further step and rewrites none of its files (its model's sha256 is what
+    outputs made with it record); only a model lost between the run's last two writes is written again."""
+    run_dir = tmp_path / "done"
+    Trainer(_cfg("epochs=1", "max_steps=2"), FrameCache(cache), run_dir).fit()
+    folder = last_checkpoint(run_dir)
+    assert folder is not None
+    files = [run_dir / "model.safetensors", run_dir / "metrics.csv", *sorted(folder.iterdir())]
+
+    def snapshot() -> list[tuple[int, int, bytes]]:
+        return [(p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in files]
+
+    before = snapshot()
+    for settings in (("max_steps=2",), ("max_steps=1",)):  # the run's own end, and one already passed
+        logs: list[str] = []
+        again = Trainer(_cfg("epochs=1", *settings), FrameCache(cache), run_dir, log=logs.append)
+        assert again.resume()
+        assert again.fit().step == 2
+        assert any("already finished at step 2" in line for line in logs), logs
+    assert snapshot() == before
+
+    (run_dir / "model.safetensors").unlink()
+    again = Trainer(_cfg("epochs=1", "max_steps=2"), FrameCache(cache), run_dir)
+    assert again.resume()
+    again.fit()
+    assert (run_dir / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
 def test_the_saved_tokenizer_does_not_depend_on_its_use(tmp_path):
     """A fast tokenizer keeps its last call's truncation and padding, and save_pretrained writes them: a
     checkpoint's embedded tokenizer.json (so its sha256) changed with whether the encoder had tokenized."""

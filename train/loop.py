@@ -30,8 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from afloc_cli.atomic import write_atomic
-from afloc_cli.checkpoint.io import save_checkpoint
-from afloc_cli.errors import AflocError
+from afloc_cli.checkpoint.io import read_header, save_checkpoint
+from afloc_cli.errors import AflocError, CheckpointError
 from afloc_cli.image.data.transforms import normalize
 from afloc_cli.text.data.sentences import PreparedText
 from afloc_cli.vlp.model import AflocModel, build_model
@@ -384,6 +384,8 @@ class Trainer:
     def fit(self, on_step: Callable[[dict[str, float]], None] | None = None) -> TrainState:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.finished():  # checked before metrics.csv too, which it leaves as it is
+            return self._already_finished()
         # Only rank 0 touches metrics.csv (the README's promise); the others log nothing.
         metrics, writer = self._open_metrics() if self.dist.is_main else (None, None)
         self._train_mode(True)
@@ -475,12 +477,48 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
 
+    def finished(self) -> bool:
+        """Whether the run has trained all it was set to: every epoch, or max_steps optimizer steps."""
+        cfg = self.cfg
+        return self.state.epoch >= cfg.epochs or (cfg.max_steps is not None and self.state.step >= cfg.max_steps)
+
     def _finish(self) -> TrainState:
+        """Save the last checkpoint, then the run's model.safetensors from it (rank 0)."""
         if self.dist.is_main:
-            final = self.save()
-            if self.ema is None:
-                shutil.copyfile(final / "model.safetensors", self.out / "model.safetensors")
-            else:  # the run's model is the average; the checkpoint folder keeps the optimised weights
-                save_checkpoint(self.ema.averaged_model(), self.out / "model.safetensors", provenance={
-                    **self._provenance(), "weights": f"exponential moving average, decay {self.ema.decay}"})
+            self._write_model(self.save())
         return self.state
+
+    def _already_finished(self) -> TrainState:
+        """A resumed run that had finished trains nothing, and rewrites nothing: its checkpoint and its model are
+        the run's, and the files (so their sha256, which outputs made with the model record) stay as they are.
+        Only a model.safetensors missing or older than the last checkpoint (a run stopped between those two
+        writes) is written, from that checkpoint."""
+        if self.dist.is_main:
+            folder = last_checkpoint(self.out)
+            if folder is None or folder.name != f"step-{self.state.step:07d}":
+                folder = self.save()  # not resumed: nothing of this step is saved yet
+            if self._model_step() == self.state.step:
+                self.log(f"{self.out}: the run already finished at step {self.state.step} (epoch "
+                         f"{self.state.epoch}); nothing to train. To train on, resume with a larger --set epochs=N "
+                         "or --set max_steps=N")
+            else:
+                self._write_model(folder)
+        return self.state
+
+    def _model_step(self) -> int | None:
+        """The training step the run's model.safetensors was written at (None: no readable model)."""
+        try:
+            step = read_header(self.out / "model.safetensors").provenance.get("train_step")
+        except CheckpointError:
+            return None
+        return step if isinstance(step, int) else None
+
+    def _write_model(self, folder: Path) -> None:
+        """The run's model.safetensors: the checkpoint's weights, or their average. Replaced atomically, so a kill
+        never leaves half a model where _already_finished would take it for the finished one."""
+        target = self.out / "model.safetensors"
+        if self.ema is None:
+            write_atomic(target, lambda tmp: shutil.copyfile(folder / "model.safetensors", tmp), fsync=True)
+        else:  # the run's model is the average; the checkpoint folder keeps the optimised weights
+            save_checkpoint(self.ema.averaged_model(), target, provenance={
+                **self._provenance(), "weights": f"exponential moving average, decay {self.ema.decay}"})
