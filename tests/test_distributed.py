@@ -145,16 +145,29 @@ def test_two_gloo_ranks_across_the_word_start(tmp_path: Path, monkeypatch: pytes
             torch.testing.assert_close(got["grads"][key], params[key].grad, rtol=1e-4, atol=1e-7, msg=key)
 
 
-def _tiny_cache(root: Path, n: int = 10) -> Path:
-    """Ten small image-report pairs (eight to train on), prepared at 64 px."""
+def _tiny_corpus(root: Path, n: int = 10) -> Path:
+    """Ten small image-report pairs (eight to train on): their manifest."""
     rng = np.random.default_rng(0)
     rows = ["image_path,report,split"]
     for i in range(n):
         Image.fromarray((rng.random((48, 40)) * 255).astype(np.uint8)).save(root / f"img{i}.png")
         rows.append(f"img{i}.png,\"{REPORTS[i % len(REPORTS)]}\",{'val' if i >= 8 else 'train'}")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    prepare_cache(root / "manifest.csv", root / "cache", size=64, workers=0)
+    return root / "manifest.csv"
+
+
+def _tiny_cache(root: Path, n: int = 10) -> Path:
+    """The tiny corpus, prepared at 64 px."""
+    prepare_cache(_tiny_corpus(root, n), root / "cache", size=64, workers=0)
     return root / "cache"
+
+
+SETTINGS = ["preset=small", "model.image.hidden_sizes=8,16,32,64", "model.image.embedding_size=8",
+            "model.preprocess.image_size=64", "batch_size=4", "workers=0", "checkpoint_every=1",
+            "precision=fp32", "epochs=2", "max_steps=2", "val_every=0"]
+ROOT = str(Path(__file__).resolve().parent.parent)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def test_torchrun_pretrain_writes_one_metrics_file_and_resumes(tmp_path: Path):
@@ -162,23 +175,64 @@ def test_torchrun_pretrain_writes_one_metrics_file_and_resumes(tmp_path: Path):
     what it trained, and --resume of the run continues it."""
     cache = _tiny_cache(tmp_path)
     run = tmp_path / "run"
-    settings = ["preset=small", "model.image.hidden_sizes=8,16,32,64", "model.image.embedding_size=8",
-                "model.preprocess.image_size=64", "batch_size=4", "workers=0", "checkpoint_every=1",
-                "precision=fp32", "epochs=2", "max_steps=2", "val_every=0"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "afloc_cli", "pretrain", str(cache), "--out", str(run), "--device", "cpu"]
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [*TORCHRUN, "-m", "afloc_cli", "pretrain", str(cache), "--out", str(run), "--device", "cpu"]
 
     def torchrun(*args: str) -> str:
-        done = subprocess.run([*command, *args], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*command, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout + done.stderr
 
-    out = torchrun(*sum((["--set", s] for s in settings), []))
+    out = torchrun(*sum((["--set", s] for s in SETTINGS), []))
     assert out.count("trained 2 steps") == 1, out
     assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()] == ["step", "1", "2"]
     out = torchrun("--resume", "--set", "max_steps=4")
     assert out.count("trained 4 steps") == 1 and out.count("resumed from") == 1, out
     steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()]
     assert steps == ["step", "1", "2", "3", "4"]
+
+
+# `afloc`, with prepare_cache counting its calls (one line per call: the caller's rank) in $PREPARE_LOG.
+COUNTING_AFLOC = """
+import os, sys
+import train.data
+from afloc_cli.cli import run
+real = train.data.prepare_cache
+def counted(*args, **kwargs):
+    with open(os.environ["PREPARE_LOG"], "a") as log:
+        log.write(os.environ["RANK"] + "\\n")
+    return real(*args, **kwargs)
+train.data.prepare_cache = counted
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def _torchrun_pretrain_corpus(tmp_path: Path, corpus: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """`torchrun afloc pretrain CORPUS` on 2 gloo ranks: the run, and the ranks that called prepare_cache."""
+    (tmp_path / "afloc_counting.py").write_text(COUNTING_AFLOC)
+    log = tmp_path / "prepared.log"
+    command = [*TORCHRUN, str(tmp_path / "afloc_counting.py"), "pretrain", str(corpus), "--out", str(tmp_path / "run"),
+               "--device", "cpu", *sum((["--set", s] for s in SETTINGS), [])]
+    done = subprocess.run(command, env={**ENV, "PREPARE_LOG": str(log)}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    return done, log.read_text().split() if log.is_file() else []
+
+
+def test_torchrun_pretrain_of_a_corpus_prepares_it_once(tmp_path: Path):
+    """Given a corpus, not a cache, only rank 0 prepares OUT/cache (on the storage every rank shares); the other
+    rank waits for it, and both then train on it."""
+    done, prepared_by = _torchrun_pretrain_corpus(tmp_path, _tiny_corpus(tmp_path))
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert prepared_by == ["0"], out
+    assert out.count("preparing ") == 1 and out.count("trained 2 steps") == 1, out
+    assert (tmp_path / "run" / "cache" / "meta.json").is_file()
+
+
+def test_torchrun_pretrain_stops_every_rank_when_preparing_fails(tmp_path: Path):
+    """If rank 0 cannot prepare the cache, the other rank does not wait forever: it stops with one line."""
+    (tmp_path / "manifest.csv").write_text("no,such,columns\n1,2,3\n")
+    done, prepared_by = _torchrun_pretrain_corpus(tmp_path, tmp_path / "manifest.csv")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert prepared_by == ["0"], out
+    assert out.count("rank 0 failed to prepare the cache: ") == 1, out

@@ -12,10 +12,18 @@ gradients for non-contiguous gradients in our two-rank test.)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from afloc_cli.errors import AflocError
+
+# How long the other ranks wait for rank 0's one-off work (decoding a whole corpus can take hours, past the
+# process group's default 30-minute timeout; training's own collectives keep that default).
+MAIN_FIRST_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,35 @@ def gather_padded(t: torch.Tensor, info: DistInfo, dim: int = 1) -> torch.Tensor
         pad_shape[dim] = target - t.shape[dim]
         t = torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
     return gather(t, info)
+
+
+def on_main_rank(work: Callable[[], object], info: DistInfo, what: str) -> None:
+    """Run `work` on global rank 0 only, while the other ranks wait for it; if it fails there, they stop too.
+
+    For work on the shared run folder (preparing OUT/cache) that every rank would otherwise do at once, racing on
+    the same files. Rank 0 tells the others whether it succeeded, so a failure ends every rank with one line
+    instead of leaving them waiting."""
+    if not info.enabled:
+        work()
+        return
+    # A CPU (gloo) group of its own, made before the work (making it is collective too): its long timeout is only
+    # for this wait, and it works beside NCCL.
+    group = dist.new_group(backend="gloo", timeout=MAIN_FIRST_TIMEOUT)
+    error: BaseException | None = None
+    if info.is_main:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - told to the other ranks, then raised here as it was
+            error = exc
+    try:
+        outcome = [None if error is None else (str(error) or type(error).__name__)]
+        dist.broadcast_object_list(outcome, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise AflocError(f"rank 0 failed {what}: {outcome[0]}")
 
 
 def barrier(info: DistInfo) -> None:

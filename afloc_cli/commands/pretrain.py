@@ -73,7 +73,7 @@ def pretrain_command(
     run, or to suit another machine), which leave every step's computation as it was."""
     from train.config import config_for_resume, differences, read_saved_config, read_settings, with_losses
     from train.data import FrameCache, prepare_cache
-    from train.distributed import launched_rank
+    from train.distributed import init_from_env, launched_rank, on_main_rank, shutdown
     from train.loop import last_checkpoint
     from train.main import train
 
@@ -95,8 +95,17 @@ def pretrain_command(
     cache_dir = data
     if not (data / "meta.json").is_file():
         cache_dir = out / "cache"
-        console.print(f"preparing {data} into {cache_dir} ...")
-        prepare_cache(data, cache_dir, size=cfg.model.preprocess.image_size, workers=cfg.workers)
+        if main_rank:
+            console.print(f"preparing {data} into {cache_dir} ...")
+        # Under torchrun every rank gets here, and --out is one folder on storage every rank shares (README,
+        # "Run on a cluster"): rank 0 alone prepares the cache, the others wait for it (and stop if it fails).
+        dist = init_from_env()  # train() joins this same process group
+        try:
+            on_main_rank(lambda: prepare_cache(data, cache_dir, size=cfg.model.preprocess.image_size,
+                                               workers=cfg.workers), dist, what="to prepare the cache")
+        except BaseException:
+            shutdown(dist)
+            raise
     state = train(cfg, FrameCache(cache_dir), out, device=device, resume=resume, console=console,
                   show_progress=sys.stderr.isatty() and not as_json)
     if not main_rank:
