@@ -82,18 +82,22 @@ def _register() -> None:
         synth,
     )
 
-    app.command("localize", cls=_Command)(localize.localize_command)
-    app.command("scores", cls=_Command)(scores.scores_command)
-    app.command("export", cls=_Command)(export.export_command)
-    app.command("merge", cls=_Command)(merge.merge_command)
-    app.command("benchmark", cls=_Command)(benchmark.benchmark_command)
-    app.command("synth", cls=_Command)(synth.synth_command)
-    app.command("prepare", cls=_Command)(pretrain.prepare_command)
-    app.command("pretrain", cls=_Command)(pretrain.pretrain_command)
-    app.command("compile", cls=_Command)(compile.compile_command)
-    app.command("demo", cls=_Command)(demo.demo_command)
-    app.command("inspect", cls=_Command)(inspect.inspect_command)
-    app.command("import-reference", cls=_Command)(import_reference.import_reference_command)
+    commands = {
+        "localize": localize.localize_command,
+        "scores": scores.scores_command,
+        "export": export.export_command,
+        "merge": merge.merge_command,
+        "benchmark": benchmark.benchmark_command,
+        "synth": synth.synth_command,
+        "prepare": pretrain.prepare_command,
+        "pretrain": pretrain.pretrain_command,
+        "compile": compile.compile_command,
+        "demo": demo.demo_command,
+        "inspect": inspect.inspect_command,
+        "import-reference": import_reference.import_reference_command,
+    }
+    for name, command in commands.items():
+        app.command(name, cls=_Command)(command)
 
 
 def run(argv: list[str]) -> int:
