@@ -387,7 +387,7 @@ class Trainer:
         if self.finished():  # checked before metrics.csv too, which it leaves as it is
             return self._already_finished()
         # Only rank 0 touches metrics.csv (the README's promise); the others log nothing.
-        metrics, writer = self._open_metrics() if self.dist.is_main else (None, None)
+        metrics, writer = self._open_metrics() if self.dist.is_main else (None, None)  # both set, or neither
         self._train_mode(True)
         accumulate = max(1, cfg.optim.accumulate)
         try:
@@ -445,7 +445,7 @@ class Trainer:
                     if cfg.val_every and self.state.step % cfg.val_every == 0:
                         val = self.validate()
                         row["val_loss"] = "" if val is None else val
-                    if metrics is not None and writer is not None:
+                    if writer is not None:
                         writer.writerow(row)
                         metrics.flush()
                     if on_step is not None:
@@ -454,7 +454,7 @@ class Trainer:
                         self._record_val(val)
                     if self.dist.is_main and (cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0):
                         self.save()
-                    if cfg.max_steps is not None and self.state.step >= cfg.max_steps:
+                    if self.finished():
                         return self._finish()
                 self.optimizer.zero_grad(set_to_none=True)  # drop a trailing partial accumulation
                 self.scheduler.step()
@@ -462,7 +462,7 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 if not cfg.val_every:
                     val = self.validate()
-                    if val is not None and metrics is not None and writer is not None:
+                    if val is not None and writer is not None:
                         writer.writerow({"step": self.state.step, "epoch": epoch, "val_loss": val})
                         metrics.flush()
                         self._record_val(val)
