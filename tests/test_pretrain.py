@@ -149,6 +149,47 @@ def test_training_losses_equal_the_losses_on_the_embedded_maps(cache, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_word_backbone_grad_scales_only_the_backbones_share_of_the_word_loss(cache, tmp_path):
+    """optim.word_backbone_grad=f: the backbone's gradient is the other losses' plus f times the word loss's,
+    the word level's embedder gets all of its own, and the losses themselves do not change."""
+    from train.loop import compute_losses
+
+    def grads(*settings: str, losses: str | None = None):
+        cfg = _cfg("report_sampling=all", *settings)
+        if losses is not None:
+            cfg = with_losses(cfg, losses)
+        trainer = Trainer(cfg, FrameCache(cache), tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
+        trainer.model.eval()
+        items = [trainer.train_set[(i, 0)] for i in range(4)]
+        frames = torch.stack([f for f, _ in items])
+        out = compute_losses(trainer.forward, trainer.model, frames, [t for _, t in items], cfg, trainer.dist,
+                             trainer.device, "fp32", trainer.text_features)
+        named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+        got = torch.autograd.grad(out["total"], [p for _, p in named], allow_unused=True)
+        return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(named, got, strict=True)}, out
+
+    full, out_full = grads()
+    none, out_none = grads("optim.word_backbone_grad=0")
+    half, out_half = grads("optim.word_backbone_grad=0.5")
+    no_word, _ = grads(losses="global,sent")
+    for key in ("global", "sentence", "word", "total"):
+        torch.testing.assert_close(out_none[key], out_full[key], rtol=0, atol=0)
+        torch.testing.assert_close(out_half[key], out_full[key], rtol=0, atol=0)
+    backbone = [n for n in full if "backbone" in n]
+    moved = [n for n in backbone if not torch.allclose(full[n], no_word[n], rtol=1e-3, atol=1e-7)]
+    assert moved, "the word loss reached no backbone weight: the test would prove nothing"
+    for n in backbone:
+        torch.testing.assert_close(none[n], no_word[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(half[n], (full[n] + no_word[n]) / 2, rtol=1e-3, atol=1e-6, msg=n)
+    for n in full:
+        if "local2_embedder" in n:
+            assert full[n].abs().sum() > 0
+            torch.testing.assert_close(none[n], full[n], rtol=1e-4, atol=1e-7, msg=n)
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(AflocError, match="word_backbone_grad"):
+            _cfg(f"optim.word_backbone_grad={bad}")
+
+
 def _resume_matches_straight(cache: Path, tmp_path: Path, *settings: str, stop: int) -> Trainer:
     """Two epochs straight, and stopped after `stop` steps then resumed: the same model, bit for bit.
     Returns the resumed trainer (after its fit)."""

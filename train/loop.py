@@ -40,7 +40,7 @@ from train.config import TrainConfig
 from train.data import FrameCache, PretrainDataset, batches_for_rank
 from train.distributed import DistInfo, gather, gather_padded
 from train.ema import WeightAverage
-from train.losses import global_loss, local_loss
+from train.losses import global_loss, local_loss, scale_gradient
 from train.text_features import FrozenTextFeatures
 
 METRICS_FIELDS = ["step", "epoch", "loss", "loss_global", "loss_sentence", "loss_word", "lr", "images_per_s",
@@ -141,7 +141,7 @@ def compute_losses(
         logged_only = word_scale == 0.0 and (lc.use_global or lc.use_sentence)
         with torch.no_grad() if logged_only else contextlib.nullcontext():
             out["word"] = lc.weight_word * local_loss(
-                gather(img.shallow.float(), dist),
+                gather(scale_gradient(img.shallow, cfg.optim.word_backbone_grad).float(), dist),
                 gather_padded(txt.words.float(), dist),
                 gather_padded(txt.word_mask, dist),
                 lc.temp1, lc.temp2, lc.temp3, chunk_size=chunk, matmul_dtype=matmul_dtype, projection=proj["shallow"],

@@ -26,6 +26,29 @@ def _symmetric_ce(logits: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
 
 
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def scale_gradient(t: Tensor, factor: float) -> Tensor:
+    """`t` unchanged forward, its gradient times `factor` backward (1: untouched; 0: detached).
+
+    Why: a loss can then train its own head on shared features without reshaping the layers below them
+    (`optim.word_backbone_grad`)."""
+    if factor == 1.0:
+        return t
+    if factor == 0.0:
+        return t.detach()
+    return _ScaleGradient.apply(t, factor)
+
+
 def global_loss(image: Tensor, text: Tensor, temp3: float = 10.0) -> Tensor:
     """L_GR: logits = temp3 · cos(image_i, text_j), symmetric cross-entropy with in-batch negatives.
 
@@ -67,4 +90,4 @@ def local_loss(
 
 
 __all__ = ["COS_EPS", "DEFAULT_CHUNK_ELEMENTS", "default_chunk_size", "global_loss", "local_loss",
-           "local_similarity"]
+           "local_similarity", "scale_gradient"]
