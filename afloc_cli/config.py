@@ -81,6 +81,14 @@ class HeatmapConfig:
     similarity: Literal["dot", "cosine"] = "dot"
     sigma: float = 1.5
     nan_margin: int = 0  # the reference blanks a 14-px border of the 224 frame; 0 keeps it
+    # The fused map (an extension) is this weight times the shallow (word-level) map plus the rest times the deep
+    # map, each min-max scaled first. The deep map is the one the word loss can spoil through the shared layers
+    # (one development seed in four: RESULTS.md, "Fused-map weights"); the shallow map was the steadier.
+    fused_shallow_weight: float = 0.75
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fused_shallow_weight <= 1.0:
+            raise ValueError(f"heatmap.fused_shallow_weight must be in [0, 1], not {self.fused_shallow_weight}")
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,12 @@ def corpus_class_prompts(corpus: Path) -> dict[str, list[str]]:
 
 
 def evaluate(checkpoint: Path, corpus: Path, out: Path, n_boot: int = 200,
-             level: Level = "deep") -> dict[str, BenchmarkResult]:
+             level: Level = "deep", fused_shallow_weight: float | None = None) -> dict[str, BenchmarkResult]:
     """Benchmark the test split with both readouts; one localization serves both (the contrast run
-    localizes every category's template prompt too). `level` picks the map (deep: the paper's)."""
-    return evaluate_with(localizer(load_checkpoint(checkpoint), checkpoint, level), corpus, out, n_boot)
+    localizes every category's template prompt too). `level` picks the map (deep: the paper's);
+    `fused_shallow_weight` the fused map's weight on the shallow level (None: the model config's)."""
+    localize = localizer(load_checkpoint(checkpoint), checkpoint, level, fused_shallow_weight=fused_shallow_weight)
+    return evaluate_with(localize, corpus, out, n_boot)
 
 
 # The synthetic benchmark scores the image only (runner.FRAMINGS "image"): every figure of the demo and the
@@ -273,10 +275,12 @@ def _metrics(result: BenchmarkResult) -> dict[str, float | None]:
 
 
 def localizer(model, checkpoint: Path, level: Level = "deep",
-              engine_class: type[LocalizationEngine] = LocalizationEngine) -> Localize:
+              engine_class: type[LocalizationEngine] = LocalizationEngine,
+              fused_shallow_weight: float | None = None) -> Localize:
     """The localize callback of `run_benchmark` for `model` on this CPU (no loader workers, overwriting)."""
     def localize(paths: list[Path], prompts: list[str], wanted: np.ndarray, h5: Path) -> tuple[Path, str]:
-        engine = engine_class(model, prompts, device=torch.device("cpu"), level=level)
+        engine = engine_class(model, prompts, device=torch.device("cpu"), level=level,
+                              fused_shallow_weight=fused_shallow_weight)
         sha = sha256_file(checkpoint)
         run_localize(engine, paths=paths, indices=list(range(len(paths))), prompts=prompts, out=h5,
                      checkpoint_sha256=sha, workers=0, overwrite=True, wanted=wanted)

@@ -74,7 +74,8 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     table = pl.read_csv(out / "per_seed.csv")
     rows = set(table["row"])
     assert rows == {"full (global+sentence+word)", "global+sentence (GLoRIA-like)", "global only (ConVIRT-like)",
-                    "full, shallow map (words)", "full, fused map", "global+sentence, fused map", "untrained",
+                    "full, shallow map (words)", "full, fused map", "full, fused map, equal weights",
+                    "global+sentence, fused map", "global+sentence, fused map, equal weights", "untrained",
                     "random maps"}
     assert set(table["readout"]) == {"reference", "contrast"} and set(table["seed"]) == {2}
     held_out = json.loads((out / "learning.json").read_text())["corpus"]["held_out_kind"]
@@ -179,3 +180,28 @@ def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(mo
         assert "optim.word_warmup=600" in b.plan.overrides and "optim.word_start=500" in b.plan.overrides
     with pytest.raises(SystemExit, match="--train-images"):
         learning.budget(False, train_images=4)
+
+
+def test_learning_verdict_needs_the_full_row_above_every_ablation_rows_upper_edge(monkeypatch):
+    """"Beyond the spread" of every ablation: the full row's mean - sd against the highest mean + sd of any
+    ablation row, which need not be the row with the highest mean."""
+    import polars as pl
+
+    learning = _bench_script("learning", monkeypatch)
+
+    def row(name: str, pointing: float, sd: float) -> dict:
+        return {"row": name, "readout": "contrast", "kind": "macro (seen kinds)", "held_out": False, "seeds": 3,
+                **{m: 0.3 for m in learning.METRICS}, **{f"{m}_sd": 0.0 for m in learning.METRICS},
+                "pointing": pointing, "pointing_sd": sd}
+
+    def verdicts(ablation_rows: list[dict]) -> list[str]:
+        table = pl.DataFrame([row("full, fused map", 0.80, 0.02), *ablation_rows])
+        lines = [line for line in learning.verdict(table).splitlines() if "| pointing |" in line]
+        return [line.rsplit("|", 2)[-2].strip() for line in lines]
+
+    steady = row(learning.ABLATION_FUSED, 0.72, 0.01)
+    assert verdicts([steady]) == ["yes"]  # 0.78 > 0.73
+    wide = row(learning.ABLATION_FUSED_EQUAL, 0.70, 0.09)  # lower mean, upper edge 0.79
+    assert verdicts([steady, wide]) == ["no"]
+    assert learning.ABLATION_FUSED_EQUAL in learning.verdict(pl.DataFrame([row("full, fused map", 0.8, 0.02),
+                                                                           steady, wide]))

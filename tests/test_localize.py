@@ -576,3 +576,41 @@ def test_bf16_on_cpu_matches_fp32(tmp_path, tiny_checkpoint, image_folder):
         cosine = float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y)))
         assert cosine > 0.99
         assert b.attrs["precision"] == "bf16"
+
+
+def test_fused_map_weighs_the_min_maxed_levels_and_the_file_records_the_weight(tmp_path, tiny_checkpoint,
+                                                                              image_folder):
+    """--level fused: the config's shallow weight times the min-max'd shallow map plus the rest times the
+    min-max'd deep map (upsampled to the shallow grid); an engine's own weight is what its file records."""
+    from afloc_cli.checkpoint.io import load_checkpoint
+    from afloc_cli.vlp.inference_engine import LocalizationEngine
+    from kernels.dispatch import localization_maps
+
+    model = load_checkpoint(tiny_checkpoint)
+    assert model.cfg.heatmap.fused_shallow_weight == 0.75
+    prompts = ["left effusion", "cardiomegaly", "right upper nodule"]
+    frames = torch.randint(0, 256, (2, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    cpu = torch.device("cpu")
+    feats = LocalizationEngine(model, prompts, device=cpu, level="fused").features(frames)
+    emb = LocalizationEngine(model, prompts, device=cpu).prompt_embeddings
+    shallow, _ = localization_maps(feats.shallow.float(), emb, "dot", normalize=True)
+    deep, _ = localization_maps(feats.deep.float(), emb, "dot", normalize=True)
+    deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
+    assert not torch.allclose(shallow, deep, atol=1e-3)  # else any weight would pass
+    for weight in (None, 0.5, 1.0, 0.0):
+        engine = LocalizationEngine(model, prompts, device=cpu, level="fused", fused_shallow_weight=weight)
+        w = 0.75 if weight is None else weight
+        torch.testing.assert_close(engine(frames).maps, w * shallow + (1 - w) * deep, rtol=1e-4, atol=1e-5)
+    with pytest.raises(AflocError, match=r"\[0, 1\]"):
+        LocalizationEngine(model, prompts, device=cpu, level="fused", fused_shallow_weight=1.5)
+
+    from afloc_cli.localize.runner import run_attrs
+
+    recorded = json.loads(run_attrs(LocalizationEngine(model, prompts, device=cpu, level="fused",
+                                                       fused_shallow_weight=0.5), "sha")["heatmap_config"])
+    assert recorded["fused_shallow_weight"] == 0.5 and recorded["level"] == "fused"
+    out = tmp_path / "fused.h5"
+    assert _localize([str(image_folder / "img03.png"), "--prompt", "left effusion", "--prompt", "cardiomegaly",
+                      "--level", "fused", "--out", str(out)], tiny_checkpoint) == 0
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["heatmap_config"])["fused_shallow_weight"] == 0.75

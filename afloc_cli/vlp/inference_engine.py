@@ -47,7 +47,7 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
 
 @dataclass
 class EngineOutput:
-    maps: torch.Tensor  # (B, P, g, g) float32 raw similarity (fused: mean of the two min-max maps)
+    maps: torch.Tensor  # (B, P, g, g) float32 raw similarity (fused: weighted sum of the two min-max maps)
     scores: torch.Tensor  # (B, P) float32
 
 
@@ -60,12 +60,18 @@ class LocalizationEngine:
         device: torch.device,
         precision: Precision = "fp32",
         level: Level = "deep",
+        fused_shallow_weight: float | None = None,
     ) -> None:
+        """fused_shallow_weight: the fused map's weight on the shallow level (None: the model config's)."""
         self.model = model.to(device).eval()
         self.device = device
         self.precision = precision
         self.level = level
         self.cfg = model.cfg
+        weight = self.cfg.heatmap.fused_shallow_weight if fused_shallow_weight is None else fused_shallow_weight
+        if not 0.0 <= weight <= 1.0:
+            raise AflocError(f"the fused map's shallow weight must be in [0, 1], not {weight}")
+        self.fused_shallow_weight = float(weight)
         with torch.inference_mode():
             self.prompt_embeddings = model.encode_prompts(prompts).float().to(device)
         # On the CPU the image encoder runs as an inference copy with batch norms folded into the
@@ -113,6 +119,7 @@ class LocalizationEngine:
                                                normalize=True)
             deep, _ = localization_maps(feats.deep.float(), self.prompt_embeddings, mode, normalize=True)
             deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
-            maps = (shallow + deep) / 2
+            w = self.fused_shallow_weight
+            maps = w * shallow + (1.0 - w) * deep
         scores = stats.scores
         return EngineOutput(maps=maps.float().cpu(), scores=scores.float().cpu())
