@@ -38,7 +38,8 @@ class OptimConfig:
     # The share of the word loss's gradient that reaches the image backbone below the word level's embedder
     # (1: all of it, as the reference; 0: none, so the word loss trains only the shallow level's embedder and the
     # backbone trains as without it). The word loss reshaping the shared layers degraded the sentence level's deep
-    # map on two of three seeds (RESULTS.md, "The word loss held out for its first 500 steps").
+    # map on two of three seeds; on one, 0 kept the deep map but left the word level's map far weaker and 0.1
+    # kept neither (RESULTS.md, "Fused-map weights, and the word loss's share of the backbone").
     word_backbone_grad: float = 1.0
     # Decay of an exponential moving average of the weights over optimizer steps (0: none). With it, the run's
     # model.safetensors holds the average; checkpoints keep the optimised weights (and the average, to resume).
