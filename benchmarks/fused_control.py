@@ -43,12 +43,16 @@ class DeepOnShallowGrid(LocalizationEngine):
         return EngineOutput(maps=maps.float().cpu(), scores=stats.scores.float().cpu())
 
 
-def score(checkpoint: Path, corpus: Path, out: Path, level: str) -> dict[str, tuple[float, float]]:
+def score(checkpoint: Path, corpus: Path, out: Path, level: str, n_boot: int = 100,
+          fused_shallow_weight: float | None = None) -> dict[str, tuple[float, float]]:
+    """{readout: (pointing, mIoU)}, macros over the seen kinds, for the fused map (at `fused_shallow_weight`,
+    None: the config's) or its control."""
     holdout = json.loads((corpus / "synth.json").read_text())["held_out"]["category_name"]
     engine = DeepOnShallowGrid if level == "control" else LocalizationEngine
-    localize = localizer(load_checkpoint(checkpoint), checkpoint, "fused", engine_class=engine)
+    localize = localizer(load_checkpoint(checkpoint), checkpoint, "fused", engine_class=engine,
+                         fused_shallow_weight=fused_shallow_weight)
     results = {}
-    for name, result in evaluate_with(localize, corpus, out, n_boot=100).items():
+    for name, result in evaluate_with(localize, corpus, out, n_boot=n_boot).items():
         seen = result.per_category.filter(result.per_category["category"] != holdout)
         results[name] = (float(seen["pointing"].mean()), float(seen["iou"].mean()))
     return results

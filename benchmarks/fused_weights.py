@@ -15,19 +15,13 @@ Results: benchmarks/RESULTS.md ("Fused-map weights").
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
-from afloc_cli.demo import evaluate
-
-
-def seen_macro(checkpoint: Path, corpus: Path, out: Path, weight: float, n_boot: int) -> tuple[float, float]:
-    holdout = json.loads((corpus / "synth.json").read_text())["held_out"]["category_name"]
-    result = evaluate(checkpoint, corpus, out, n_boot=n_boot, level="fused", fused_shallow_weight=weight)["contrast"]
-    seen = result.per_category.filter(result.per_category["category"] != holdout)
-    return float(seen["pointing"].mean()), float(seen["iou"].mean())
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_control import score  # noqa: E402  (the same scoring: seen kinds' macros, both readouts)
 
 
 def _group(run: Path) -> str:
@@ -49,8 +43,8 @@ def main() -> None:
     print("| model | shallow weight | pointing (seen kinds) | mIoU (seen kinds) |\n|---|---|---|---|")
     for run in sorted(p for p in args.runs.glob(args.pattern) if (p / "model.safetensors").is_file()):
         for w in weights:
-            pointing, miou = seen_macro(run / "model.safetensors", args.corpus, args.out / run.name / f"w{w}", w,
-                                        args.bootstrap)
+            pointing, miou = score(run / "model.safetensors", args.corpus, args.out / run.name / f"w{w}", "fused",
+                                   args.bootstrap, w)["contrast"]
             figures.setdefault((_group(run), w), []).append((pointing, miou))
             print(f"| {run.name} | {w} | {pointing:.3f} | {miou:.3f} |", flush=True)
     print("\n| loss set | shallow weight | models | pointing | mIoU |\n|---|---|---|---|---|")

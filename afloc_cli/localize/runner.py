@@ -81,14 +81,12 @@ def run_attrs(engine: LocalizationEngine, checkpoint_sha256: str, readout: str =
     stored maps are the raw similarities either way.
     """
     cfg = engine.cfg
-    heatmap = {**cfg.heatmap.__dict__, "level": engine.level,  # an engine may fuse at another weight than its config
-               "fused_shallow_weight": getattr(engine, "fused_shallow_weight", cfg.heatmap.fused_shallow_weight)}
     return {
         "readout": readout,
         "checkpoint_sha256": checkpoint_sha256,
         "model_config": cfg.to_json(),
         "preprocessing": json.dumps(cfg.preprocess.__dict__, sort_keys=True),
-        "heatmap_config": json.dumps(heatmap, sort_keys=True),
+        "heatmap_config": json.dumps({**cfg.heatmap.__dict__, "level": engine.level}, sort_keys=True),
         "level": engine.level,
         "grid": engine.grid,
         "precision": engine.precision,

@@ -10,6 +10,7 @@ the similarity the global loss trains.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,10 +69,12 @@ class LocalizationEngine:
         self.precision = precision
         self.level = level
         self.cfg = model.cfg
-        weight = self.cfg.heatmap.fused_shallow_weight if fused_shallow_weight is None else fused_shallow_weight
-        if not 0.0 <= weight <= 1.0:
-            raise AflocError(f"the fused map's shallow weight must be in [0, 1], not {weight}")
-        self.fused_shallow_weight = float(weight)
+        if fused_shallow_weight is not None:  # in the engine's config, so the file's heatmap_config records it
+            try:
+                heatmap = dataclasses.replace(self.cfg.heatmap, fused_shallow_weight=float(fused_shallow_weight))
+            except ValueError as exc:
+                raise AflocError(str(exc)) from None
+            self.cfg = self.cfg.replace(heatmap=heatmap)
         with torch.inference_mode():
             self.prompt_embeddings = model.encode_prompts(prompts).float().to(device)
         # On the CPU the image encoder runs as an inference copy with batch norms folded into the
@@ -119,7 +122,7 @@ class LocalizationEngine:
                                                normalize=True)
             deep, _ = localization_maps(feats.deep.float(), self.prompt_embeddings, mode, normalize=True)
             deep = F.interpolate(deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False)
-            w = self.fused_shallow_weight
+            w = self.cfg.heatmap.fused_shallow_weight
             maps = w * shallow + (1.0 - w) * deep
         scores = stats.scores
         return EngineOutput(maps=maps.float().cpu(), scores=scores.float().cpu())
