@@ -362,6 +362,7 @@ def test_toml_config_and_overrides(tmp_path):
     (["--set", "batch_size=0"], "batch_size must be >= 1"),
     (["--set", "optim.betas=0.5"], "optim.betas must be 2 comma-separated values"),
     (["--set", "model.heatmap.level=top"], "model.heatmap.level must be one of"),
+    (["--set", "model.heatmap.fused_shallow_weight=2"], "heatmap.fused_shallow_weight must be in [0, 1]"),
     (["--set", "model=3"], "model is a section of settings"),
     (["--set", "epochs=2", "--set", "epochs.x=1"], "cannot set epochs.x: epochs is a setting, not a section"),
 ])

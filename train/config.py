@@ -192,7 +192,11 @@ def _build(kind: type, values: Any, prefix: str) -> Any:
         if converted is _BAD:
             raise SettingError(f"{prefix}{name} must be {_describe(hint)}, not {value!r}", key=prefix + name)
         args[name] = converted
-    return kind(**args)
+    try:
+        return kind(**args)
+    except ValueError as exc:  # the dataclass's own check (__post_init__), e.g. heatmap.fused_shallow_weight
+        key = prefix.rstrip(".") or kind.__name__
+        raise SettingError(str(exc), key=key) from None
 
 
 def _preset_model(preset: Any) -> ModelConfig:
