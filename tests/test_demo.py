@@ -179,17 +179,22 @@ def test_learning_budget_with_more_training_images_keeps_steps_and_final_rate(mo
         assert gamma ** b.plan.epochs == pytest.approx(0.9**14, rel=0.01)
         assert "optim.word_warmup=600" in b.plan.overrides and "optim.word_start=500" in b.plan.overrides
         assert "model.loss.weight_sentence=2.0" in b.plan.overrides
-    from afloc_cli.demo import training_config
-
-    # The weight reaches every row that trains the sentence loss; a --set given by the user still wins.
-    for losses in learning.VARIANTS.values():
-        loss = training_config(default.plan, losses=losses).model.loss
-        assert (loss.use_sentence, loss.weight_sentence) == ("sent" in losses, 2.0)
-        assert (loss.weight_global, loss.weight_word) == (1.0, 1.0)
-    given = learning.budget(False, overrides=("model.loss.weight_sentence=1.0",))
-    assert training_config(given.plan, losses="global,sent,word").model.loss.weight_sentence == 1.0
     with pytest.raises(SystemExit, match="--train-images"):
         learning.budget(False, train_images=4)
+
+
+def test_learning_budget_trains_the_sentence_loss_at_weight_2_in_every_row_that_has_it(monkeypatch):
+    """The GLoRIA-like row gets the full model's sentence weight, so the two differ by the word level alone."""
+    from afloc_cli.demo import training_config
+
+    learning = _bench_script("learning", monkeypatch)
+    plan = learning.budget(False).plan
+    for losses in learning.VARIANTS.values():
+        loss = training_config(plan, losses=losses).model.loss
+        assert (loss.use_sentence, loss.weight_sentence) == ("sent" in losses, 2.0)
+        assert (loss.weight_global, loss.weight_word) == (1.0, 1.0)
+    given = learning.budget(False, overrides=("model.loss.weight_sentence=1.0",)).plan  # --set still wins
+    assert training_config(given, losses="global,sent,word").model.loss.weight_sentence == 1.0
 
 
 def test_learning_verdict_needs_the_full_row_above_every_ablation_rows_upper_edge(monkeypatch):
