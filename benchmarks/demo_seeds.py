@@ -48,8 +48,9 @@ from afloc_cli.demo import (
     unmet,
     untrained_checkpoint,
 )
+from afloc_cli.errors import AflocError
 from afloc_cli.synth import SynthConfig, generate_corpus
-from train.loop import last_checkpoint
+from train.loop import MACHINE_SETTINGS, last_checkpoint, require_same_settings
 
 ROWS = {("readouts", "reference"): "deep map, reference", ("readouts", "contrast"): "deep map, contrast",
         ("fused", "reference"): "fused map, reference", ("fused", "contrast"): "fused map, contrast"}
@@ -68,12 +69,25 @@ class Context:
 
 
 
+def check_reused_runs(seeds: list[int], plan: DemoPlan, out: Path, weights: str) -> None:
+    """--reuse-runs, before any work: every run found must have trained under this plan, or one line names it
+    and what differs. The average never feeds back, so for --weights optimised optim.ema_decay may differ."""
+    ignore = MACHINE_SETTINGS | ({"optim.ema_decay"} if weights == "optimised" else set())
+    for seed in seeds:
+        run_dir = out / "runs" / f"seed{seed}"
+        if (run_dir / "model.safetensors").is_file():
+            try:
+                require_same_settings(run_dir, training_config(plan, seed=seed, workers=0), frozenset(ignore))
+            except AflocError as exc:
+                raise SystemExit(f"--reuse-runs: {exc}") from None
+
+
 def run_seed(seed: int, ctx: Context) -> dict:
     """Train (or reuse) one seed of the demo's plan and score the demo's table. Runs in a worker process."""
     cfg = training_config(ctx.plan, seed=seed, workers=0)
     run_dir = ctx.out / "runs" / f"seed{seed}"
     start = time.perf_counter()
-    if ctx.reuse_runs and (run_dir / "model.safetensors").is_file():
+    if ctx.reuse_runs and (run_dir / "model.safetensors").is_file():  # checked by check_reused_runs
         checkpoint, steps, train_s = run_dir / "model.safetensors", None, None
     else:
         checkpoint, steps = pretrain(ctx.cache, run_dir, cfg, Console(stderr=True), show_progress=False)
@@ -169,7 +183,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (default: all cores, split evenly between --jobs workers)")
     ap.add_argument("--workers", type=int, default=2, help="processes that synthesize and cache the corpus")
-    ap.add_argument("--reuse-runs", action="store_true", help="re-score the seeds already trained under --out")
+    ap.add_argument("--reuse-runs", action="store_true",
+                    help="re-score the seeds already trained under --out (a run trained under other settings is "
+                         "refused)")
     ap.add_argument("--weights", choices=("model", "optimised"), default="model",
                     help="score each run's model.safetensors (the weight average under optim.ema_decay), or its "
                          "last checkpoint's optimised weights")
@@ -187,6 +203,9 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if args.reuse_runs:
+        check_reused_runs(seeds, plan, out, args.weights)
     corpus, cache = args.corpus, args.cache
     if corpus is None:
         from train.data import prepare_cache
@@ -195,7 +214,6 @@ def main() -> None:
         generate_corpus(corpus, SynthConfig(n=plan.n_images, seed=0), workers=args.workers, overwrite=True)
         prepare_cache(corpus / "manifest.csv", cache, size=plan.image_size, workers=args.workers)
     ctx = Context(plan, out, corpus, cache, 20 if args.quick else args.bootstrap, args.reuse_runs, args.weights)
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.jobs > 1:
         console.print(f"{len(seeds)} seeds on {args.jobs} worker processes of {threads} thread(s) each")

@@ -43,9 +43,11 @@ from rich.console import Console
 from afloc_cli.benchmark.runner import BenchmarkResult
 from afloc_cli.config import small_config
 from afloc_cli.demo import DemoPlan, evaluate, evaluate_with, pretrain, training_config, untrained_checkpoint
+from afloc_cli.errors import AflocError
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
+from train.loop import require_same_settings
 
 VARIANTS = {  # name -> the losses trained (train.config.with_losses syntax)
     "full (global+sentence+word)": "global,sent,word",
@@ -239,6 +241,27 @@ class Context:
     reuse_runs: bool
 
 
+def training_run(task: Task, plan: DemoPlan, out: Path, workers: int):
+    """A trained row's configuration and run folder."""
+    assert task.losses is not None
+    cfg = training_config(plan, seed=task.seed, losses=task.losses, workers=workers)
+    return cfg, out / "runs" / f"{task.losses.replace(',', '-')}-seed{task.seed}"
+
+
+def check_reused_runs(tasks: list[Task], plan: DemoPlan, out: Path, workers: int) -> None:
+    """--reuse-runs, before any work: every run found must have trained under this plan (the default recipe
+    moves between recorded rounds), or one line names it and what differs."""
+    for task in tasks:
+        if task.losses is None:
+            continue
+        cfg, run_dir = training_run(task, plan, out, workers)
+        if (run_dir / "model.safetensors").is_file():
+            try:
+                require_same_settings(run_dir, cfg)
+            except AflocError as exc:
+                raise SystemExit(f"--reuse-runs: {exc}") from None
+
+
 def run_task(task: Task, ctx: Context) -> tuple[list[dict], dict | None]:
     """Train (or reuse) and score one row of one seed; baselines are scored only. Runs in a worker process."""
     out, plan = ctx.out, ctx.budget.plan
@@ -254,11 +277,10 @@ def run_task(task: Task, ctx: Context) -> tuple[list[dict], dict | None]:
         for readout, result in results.items():
             rows += rows_of(result, task.row, readout, task.seed, ctx.holdout)
         return rows, None
-    cfg = training_config(plan, seed=task.seed, losses=task.losses, workers=ctx.workers)
+    cfg, run_dir = training_run(task, plan, out, ctx.workers)
     slug = task.losses.replace(",", "-")
-    run_dir = out / "runs" / f"{slug}-seed{task.seed}"
     t = time.perf_counter()
-    if ctx.reuse_runs and (run_dir / "model.safetensors").is_file():
+    if ctx.reuse_runs and (run_dir / "model.safetensors").is_file():  # checked by check_reused_runs
         checkpoint, steps, train_s = run_dir / "model.safetensors", _steps_trained(run_dir), None
     else:
         checkpoint, steps = pretrain(ctx.cache, run_dir, cfg, Console(stderr=True), show_progress=False)
@@ -302,8 +324,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (default: all cores, split evenly between --jobs workers)")
     ap.add_argument("--reuse-runs", action="store_true",
-                    help="re-score the models an earlier run of this script trained under --out (same plan) "
-                         "instead of training them again")
+                    help="re-score the models an earlier run of this script trained under --out instead of training "
+                         "them again (a run trained under other settings is refused)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     console = Console(stderr=True)
@@ -311,6 +333,13 @@ def main() -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+
+    # Longest first (the full model's word loss), so parallel workers finish together.
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    tasks = [Task(seed, name, losses) for name, losses in VARIANTS.items() for seed in seeds]
+    tasks += [Task(seed, row, None) for seed in seeds for row in ("untrained", "random maps")]
+    if args.reuse_runs:
+        check_reused_runs(tasks, b.plan, out, args.workers)
 
     from train.data import prepare_cache
 
@@ -322,10 +351,6 @@ def main() -> None:
     cache = out / "cache"
     prepare_cache(corpus / "manifest.csv", cache, size=b.plan.image_size, workers=args.workers)
 
-    # Longest first (the full model's word loss), so parallel workers finish together.
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    tasks = [Task(seed, name, losses) for name, losses in VARIANTS.items() for seed in seeds]
-    tasks += [Task(seed, row, None) for seed in seeds for row in ("untrained", "random maps")]
     context = Context(b, out, corpus, cache, holdout, args.bootstrap, args.workers, args.reuse_runs)
     rows: list[dict] = []
     runs: list[dict] = []

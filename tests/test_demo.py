@@ -93,6 +93,13 @@ def test_learning_benchmark_quick_chain_and_rescoring(tmp_path):
     serial = pl.read_csv(out / "per_seed.csv")
     _run_script([*cmd, "--reuse-runs", "--jobs", "2", "--threads", "1"], repo)
     assert pl.read_csv(out / "per_seed.csv").equals(serial)
+    # Another recipe's runs are refused before any work, on one line naming the run and the setting.
+    refused = subprocess.run([*cmd, "--reuse-runs", "--set", "model.loss.weight_sentence=3.0"], capture_output=True,
+                             text=True, cwd=repo)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().startswith("--reuse-runs: ") and len(refused.stderr.strip().splitlines()) == 1
+    assert "-seed2: trained under other settings: model.loss.weight_sentence 1.0 (run) vs 3.0 (now)" in refused.stderr
+    assert pl.read_csv(out / "per_seed.csv").equals(serial) and model.stat().st_mtime_ns == before
 
 
 def test_demo_seeds_quick_chain(tmp_path):
@@ -126,6 +133,12 @@ def test_demo_seeds_quick_chain(tmp_path):
                             str(raw / "demo_seeds.json"), str(out / "demo_seeds.json")],
                            cwd=repo, capture_output=True, text=True, check=True).stdout
     assert shown.count("\n| 3 | ") == 1 and shown.count("\n| 4 | ") == 1 and "of 2 seeds" in shown
+    # Their averaged weights, though, belong to optim.ema_decay=0.5: without it, the runs are refused.
+    refused = subprocess.run([sys.executable, str(repo / "benchmarks" / "demo_seeds.py"), "--out", str(raw),
+                              "--quick", "--seeds", "2", "--first-seed", "3", "--workers", "0", "--threads", "1",
+                              "--reuse-runs"], cwd=repo, capture_output=True, text=True)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "seed3: trained under other settings: optim.ema_decay 0.5 (run)" in refused.stderr
 
 
 def _bench_script(name: str, monkeypatch):

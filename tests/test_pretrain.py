@@ -20,7 +20,7 @@ from afloc_cli.image.data.transforms import normalize
 from train.config import load_config, with_losses
 from train.corpus import report_sections
 from train.data import FrameCache, batches_for_rank, prepare_cache
-from train.loop import Trainer, last_checkpoint
+from train.loop import MACHINE_SETTINGS, Trainer, last_checkpoint, require_same_settings
 
 SIDES = ["left", "right"]
 KINDS = ["effusion", "nodule"]
@@ -692,3 +692,28 @@ def test_resume_with_a_weight_average_is_exact(cache, tmp_path):
     for bad in ("1", "-0.1", "1.5"):
         with pytest.raises(AflocError, match="ema_decay"):
             _cfg(f"optim.ema_decay={bad}")
+
+
+def test_a_rescored_run_must_have_trained_under_the_same_settings(tmp_path):
+    """require_same_settings: benchmark scripts re-scoring a run refuse one trained under another recipe."""
+    run_dir = tmp_path / "run"
+    folder = run_dir / "checkpoints" / "step-0000005"
+    folder.mkdir(parents=True)
+    trained = _cfg("model.loss.weight_sentence=2.0", "precision=bf16", "workers=0")
+    (folder / "config.json").write_text(json.dumps(trained.to_dict(), indent=2, default=list))
+    with pytest.raises(AflocError, match="no checkpoint"):
+        require_same_settings(run_dir, trained)
+    (run_dir / "checkpoints" / "last.json").write_text(json.dumps({"checkpoint": folder.name, "step": 5}))
+
+    require_same_settings(run_dir, trained)
+    require_same_settings(run_dir, _cfg("model.loss.weight_sentence=2.0", "precision=fp32", "workers=2"))
+    with pytest.raises(AflocError) as caught:
+        require_same_settings(run_dir, _cfg("precision=bf16", "workers=0", "optim.lr=0.5"))
+    message = str(caught.value)
+    assert message.startswith(f"{run_dir}: trained under other settings")
+    assert "model.loss.weight_sentence 2.0 (run) vs 1.0 (now)" in message and "optim.lr" in message
+    assert "\n" not in message
+    require_same_settings(run_dir, _cfg("model.loss.weight_sentence=2.0", "optim.ema_decay=0.9"),
+                          ignore=MACHINE_SETTINGS | {"optim.ema_decay"})
+    with pytest.raises(AflocError, match="optim.ema_decay"):
+        require_same_settings(run_dir, _cfg("model.loss.weight_sentence=2.0", "optim.ema_decay=0.9"))

@@ -36,7 +36,7 @@ from afloc_cli.image.data.transforms import normalize
 from afloc_cli.text.data.sentences import PreparedText
 from afloc_cli.vlp.model import AflocModel, build_model
 from kernels.cpu import flush_denormals
-from train.config import TrainConfig
+from train.config import TrainConfig, differences, read_saved_config
 from train.data import FrameCache, PretrainDataset, batches_for_rank
 from train.distributed import DistInfo, gather, gather_padded
 from train.ema import WeightAverage
@@ -180,6 +180,23 @@ def last_checkpoint(run_dir: Path) -> Path | None:
         return pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
     except (ValueError, KeyError, TypeError) as exc:
         raise AflocError(f"unreadable checkpoint pointer: {exc}", path=pointer) from None
+
+
+# Chosen by the machine or the loader, not by the recipe: a run trained on another CPU is still the recipe's.
+MACHINE_SETTINGS = frozenset({"precision", "workers"})
+
+
+def require_same_settings(run_dir: Path, cfg: TrainConfig, ignore: frozenset[str] = MACHINE_SETTINGS) -> None:
+    """A script re-scoring a finished run must not pass off one recipe's model as another's: the run's saved
+    settings must equal `cfg`'s, keys in `ignore` aside, or one line names the run and every difference."""
+    folder = last_checkpoint(run_dir)
+    if folder is None:
+        raise AflocError("no checkpoint (checkpoints/last.json) to read the run's settings from", path=run_dir)
+    changed = {k: v for k, v in differences(read_saved_config(folder), cfg).items() if k not in ignore}
+    if changed:
+        shown = ", ".join(f"{key} {old!r} (run) vs {new!r} (now)" for key, (old, new) in sorted(changed.items()))
+        raise AflocError(f"trained under other settings: {shown}", path=run_dir,
+                         hint="pass the run's settings with --set, or train it again")
 
 
 class Trainer:
