@@ -67,8 +67,6 @@ class Context:
     weights: str = "model"
 
 
-
-
 def check_reused_runs(seeds: list[int], plan: DemoPlan, out: Path, weights: str) -> None:
     """--reuse-runs, before any work: every run found must have trained under this plan, or one line names it
     and what differs. The average never feeds back, so for --weights optimised optim.ema_decay may differ."""

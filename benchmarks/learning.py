@@ -47,6 +47,7 @@ from afloc_cli.errors import AflocError
 from afloc_cli.image.model.encoder import grid_sizes
 from afloc_cli.localize.runner import run_localize
 from afloc_cli.synth import SynthConfig, generate_corpus
+from train.config import TrainConfig
 from train.loop import require_same_settings
 
 VARIANTS = {  # name -> the losses trained (train.config.with_losses syntax)
@@ -241,7 +242,7 @@ class Context:
     reuse_runs: bool
 
 
-def training_run(task: Task, plan: DemoPlan, out: Path, workers: int):
+def training_run(task: Task, plan: DemoPlan, out: Path, workers: int) -> tuple[TrainConfig, Path]:
     """A trained row's configuration and run folder."""
     assert task.losses is not None
     cfg = training_config(plan, seed=task.seed, losses=task.losses, workers=workers)
